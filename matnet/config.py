@@ -1,0 +1,146 @@
+"""MatNetConfig: architecture, likelihood and training hyper-parameters, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "logistic_mixture")
+
+
+@dataclass
+class MatNetConfig:
+    # data
+    dataset: str = "mnist"
+    image_channels: int = 1
+    image_size: int = 28
+    likelihood: str = "bernoulli"
+    # architecture (section 2.2). Meta modules are listed top-down: the first is the coarsest.
+    modules_per_scale: tuple[int, ...] = (5, 5)
+    stem_downsample: int = 1  # stride-2 stages between the image and the finest meta module
+    channels: int = 32
+    z_channels: int = 4  # latent channels per stochastic module
+    nz0: int = 32  # size of the top latent z0
+    fc_width: int = 128
+    kernel_size: int = 3
+    slope: float = 0.1
+    # fully-connected MatNet: every module works on vectors (1x1 maps, 1x1 kernels)
+    fully_connected: bool = False
+    fc_modules: int = 4  # stochastic modules after z0 in a fully-connected MatNet
+    fc_update: str = "gru"  # "gru" (stochastic GRU-style updates) or "residual"
+    # output distribution and the autoregressive reconstruction of section 2.3
+    n_mixtures: int = 10
+    ar_layers: int = 0  # 0 disables; the paper uses about five masked convs
+    ar_channels: int = 32
+    min_log_scale: float = -7.0
+    # training (the original code's defaults)
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_decay_start: float = 0.5  # fraction of steps at constant lr before linear decay
+    lr_final: float = 0.0  # fraction of lr reached at the last step
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 200.0
+    skip_threshold: float = 0.0  # skip updates whose grad norm exceeds this (0 disables)
+    kl_warmup_steps: int = 0
+    ema_rate: float = 0.0  # 0 disables EMA weights
+    steps: int = 100_000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.modules_per_scale = tuple(int(n) for n in self.modules_per_scale)
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        self.validate()
+
+    def validate(self) -> None:
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        if self.likelihood == "bernoulli" and self.ar_layers and self.image_channels != 1:
+            raise ValueError("the autoregressive decoder with a Bernoulli output needs 1 channel")
+        if self.fc_update not in ("gru", "residual"):
+            raise ValueError(f"fc_update must be 'gru' or 'residual', got {self.fc_update!r}")
+        if self.kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if not self.fully_connected:
+            if not self.modules_per_scale or min(self.modules_per_scale) < 1:
+                raise ValueError(f"modules_per_scale needs positive counts, got {self.modules_per_scale}")
+            div = 2 ** (self.stem_downsample + len(self.modules_per_scale) - 1)
+            if self.image_size % div:
+                raise ValueError(
+                    f"image_size {self.image_size} is not divisible by {div} "
+                    f"(stem_downsample={self.stem_downsample}, {len(self.modules_per_scale)} scales)"
+                )
+        if self.ar_layers and self.likelihood == "gaussian":
+            raise ValueError("the autoregressive decoder needs a discrete likelihood")
+
+    @property
+    def scale_sizes(self) -> tuple[int, ...]:
+        """Spatial size of each meta module, top-down (coarsest first)."""
+        finest = self.image_size // 2**self.stem_downsample
+        n = len(self.modules_per_scale)
+        return tuple(finest // 2 ** (n - 1 - i) for i in range(n))
+
+    @property
+    def n_stochastic(self) -> int:
+        """Number of stochastic modules, z0 included (columns of `out.kl`)."""
+        return 1 + (self.fc_modules if self.fully_connected else sum(self.modules_per_scale))
+
+    @property
+    def data_dims(self) -> int:
+        return self.image_channels * self.image_size**2
+
+    def replace(self, **kw: Any) -> MatNetConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["modules_per_scale"] = list(self.modules_per_scale)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MatNetConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown MatNetConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MatNetConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on a CPU; for tests and smoke runs
+    "tiny": dict(
+        modules_per_scale=(1, 2), channels=8, z_channels=2, nz0=4, fc_width=16, batch_size=16, steps=200
+    ),
+    # the original code's MNIST / Omniglot model: FC top + 5 modules at 7x7 + 5 at 14x14
+    "mnist": dict(),
+    "omniglot": dict(dataset="omniglot"),
+    # FC top + meta modules at 8x8, 16x16, 32x32 with 2, 4, 4 modules; 8-bit RGB
+    "cifar10": dict(
+        dataset="cifar10",
+        image_channels=3,
+        image_size=32,
+        likelihood="logistic_mixture",
+        modules_per_scale=(2, 4, 4),
+        stem_downsample=0,
+        channels=64,
+        z_channels=4,
+        nz0=64,
+        fc_width=256,
+        batch_size=64,
+        lr=1e-3,
+        grad_clip=400.0,
+    ),
+    # a fully-connected MatNet with GRU-style stochastic updates
+    "mnist_fc": dict(fully_connected=True, fc_modules=4, fc_width=256, nz0=32, z_channels=32),
+}

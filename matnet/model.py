@@ -1,0 +1,259 @@
+"""MatNet: the reference Matryoshka Network (plain PyTorch ops), paper section 2."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .autoregressive import ARDecoder
+from .config import MatNetConfig
+from .distributions import make_output_distribution
+from .modules import (
+    BUModule,
+    FCTop,
+    GRUMergeModule,
+    GRUTDModule,
+    MergeModule,
+    TDModule,
+    UsesOps,
+    downsample,
+    upsample,
+)
+from .ops import reference
+
+
+@dataclass
+class MatNetOutput:
+    """What a forward pass returns (all in nats)."""
+
+    loss: torch.Tensor  # scalar: mean of recon_nll + kl_weight * kl.sum(1)
+    nll_bound: torch.Tensor  # [B] negative ELBO
+    recon_nll: torch.Tensor  # [B] -log p(x | z)
+    kl: torch.Tensor  # [B, n_stochastic] KL(q(z_i | .) || p(z_i | .)), z0 first, then TD modules top-down
+    log_weight: torch.Tensor | None = None  # [B] log p(x, z) - log q(z | x) at the sampled z
+
+
+class _Trace:
+    """Collects per-module KL and, for importance sampling, log q(z) - log p(z)."""
+
+    def __init__(self, track_log_ratio: bool):
+        self.kl: list[torch.Tensor] = []
+        self.log_ratio: torch.Tensor | float | None = 0.0 if track_log_ratio else None
+
+
+class MatNet(UsesOps, nn.Module):
+    """A Matryoshka Network: BU network, TD network and merge modules (Fig. 1).
+
+    `forward(x)` runs inference + generation and returns a `MatNetOutput`;
+    `iwae_nll` gives the importance-sampled bound; `sample` generates images.
+    """
+
+    default_ops: str = "reference"
+
+    def __init__(self, cfg: MatNetConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        s = cfg.slope
+        C, k = cfg.channels, cfg.kernel_size
+        if cfg.fully_connected:
+            C, k = cfg.fc_width, 1
+            self.scale_sizes: tuple[int, ...] = (1,)
+            counts: tuple[int, ...] = (cfg.fc_modules,)
+            self.stem = nn.Linear(cfg.data_dims, C)
+        else:
+            self.scale_sizes = cfg.scale_sizes
+            counts = cfg.modules_per_scale
+            stem = [nn.Conv2d(cfg.image_channels, C, k, padding=k // 2), nn.LeakyReLU(s)]
+            stem += [downsample(C, s) for _ in range(cfg.stem_downsample)]
+            self.stem = nn.Sequential(*stem)
+        self.counts = counts
+        n = len(counts)
+        gru = cfg.fully_connected and cfg.fc_update == "gru"
+        # BU meta modules, listed top-down like everything else; bu_down[j] joins scale j+1 to scale j
+        self.bu = nn.ModuleList(nn.ModuleList(BUModule(C, k, s) for _ in range(m)) for m in counts)
+        self.bu_down = nn.ModuleList(downsample(C, s) for _ in range(n - 1))
+        self.top = FCTop(C, self.scale_sizes[0], cfg.nz0, cfg.fc_width, s)
+        if gru:
+            self.td = nn.ModuleList(
+                nn.ModuleList(GRUTDModule(C, cfg.z_channels, s) for _ in range(m)) for m in counts)
+            self.merge = nn.ModuleList(
+                nn.ModuleList(GRUMergeModule(C, cfg.z_channels) for _ in range(m)) for m in counts)
+        else:
+            self.td = nn.ModuleList(
+                nn.ModuleList(TDModule(C, cfg.z_channels, k, s) for _ in range(m)) for m in counts)
+            self.merge = nn.ModuleList(
+                nn.ModuleList(MergeModule(C, cfg.z_channels, k, s) for _ in range(m)) for m in counts)
+        self.td_up = nn.ModuleList(upsample(C, s) for _ in range(n - 1))
+        self.merge_up = nn.ModuleList(upsample(C, s) for _ in range(n - 1))
+        self.dist = make_output_distribution(cfg)
+        n_params = self.dist.n_params()
+        if cfg.fully_connected:
+            self.out_up = nn.Identity()
+            self.out = nn.Linear(C, n_params * cfg.image_size**2)
+        else:
+            self.out_up = nn.Sequential(*[upsample(C, s) for _ in range(cfg.stem_downsample)])
+            self.out = nn.Conv2d(C, n_params, k, padding=k // 2)
+        self.ar = ARDecoder(cfg.image_channels, C, n_params, cfg.ar_layers, cfg.ar_channels, s) \
+            if cfg.ar_layers else None
+        self.set_ops(self.default_ops)
+
+    def set_ops(self, name: str) -> None:
+        """Route every module's numeric kernels through the 'reference' or the 'fast' ops."""
+        for m in [*self.modules(), self.dist]:
+            if isinstance(m, UsesOps):
+                m.ops_name = name
+
+    # ---- input checks -------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        cfg = self.cfg
+        want = (cfg.image_channels, cfg.image_size, cfg.image_size)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must have shape [B, {want[0]}, {want[1]}, {want[2]}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        p = next(self.parameters())
+        if x.device != p.device:
+            raise ValueError(f"x is on {x.device} but the model is on {p.device}")
+        if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(x)
+            rng = (0.0, 1.0) if self.dist.binary else (-1.0, 1.0)
+            if lo < rng[0] or hi > rng[1] or not torch.isfinite(lo + hi):
+                raise ValueError(
+                    f"x must lie in [{rng[0]}, {rng[1]}] for the {cfg.likelihood} likelihood, "
+                    f"got values in [{lo.item():.4g}, {hi.item():.4g}]")
+
+    # ---- the three networks ---------------------------------------------------------------------
+    def bottom_up(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Eq. 9: the BU states, grouped by meta module top-down; within a group, the state aligned
+        with TD module j (top-down) is group[j] (BU modules are numbered in reverse order)."""
+        h = self.stem(x.flatten(1))[:, :, None, None] if self.cfg.fully_connected else self.stem(x)
+        h = F.leaky_relu(h, self.cfg.slope) if self.cfg.fully_connected else h
+        groups: list[list[torch.Tensor]] = [[] for _ in self.counts]
+        for j in reversed(range(len(self.counts))):
+            if j < len(self.counts) - 1:
+                h = self.bu_down[j](h)
+            for mod in self.bu[j]:
+                h = mod(h)
+                groups[j].append(h)
+            groups[j].reverse()
+        return groups
+
+    def _stochastic(self, mu_q, logvar_q, mu_p, logvar_p, trace: _Trace) -> torch.Tensor:
+        eps = torch.randn_like(mu_q)
+        z, kl = self.ops.gaussian_sample_kl(mu_q, logvar_q, mu_p, logvar_p, eps)
+        trace.kl.append(kl.flatten(1).sum(1))
+        if trace.log_ratio is not None:
+            log_q = -0.5 * (reference.LOG_2PI + logvar_q + eps**2)
+            log_p = reference.gaussian_log_prob(z, mu_p, logvar_p)
+            trace.log_ratio = trace.log_ratio + (log_q - log_p).flatten(1).sum(1)
+        return z
+
+    def top_down(self, bu: list[list[torch.Tensor]], trace: _Trace) -> torch.Tensor:
+        """Inference pass (Eq. 2, 7, 8, 10, 11): returns the last TD output at image resolution."""
+        mu0, logvar0 = self.top.encode(bu[0][-1])
+        zeros = torch.zeros_like(mu0)
+        z0 = self._stochastic(mu0, logvar0, zeros, zeros, trace)
+        h_t = self.top.decode(z0)
+        h_m = torch.zeros_like(h_t)
+        for j, (tds, merges) in enumerate(zip(self.td, self.merge)):
+            if j > 0:
+                h_t, h_m = self.td_up[j - 1](h_t), self.merge_up[j - 1](h_m)
+            for td, merge, h_b in zip(tds, merges, bu[j]):
+                mu_p, logvar_p = td.prior(h_t)
+                h_m, mu_q, logvar_q = merge(h_m, h_b, h_t)
+                z = self._stochastic(mu_q, logvar_q, mu_p, logvar_p, trace)
+                h_t = td(h_t, z)
+        return self.out_up(h_t)
+
+    def generate_features(self, n: int, temperature: float = 1.0) -> torch.Tensor:
+        """Generation pass (Eq. 1, 7, 8): z0 ~ N(0, I), z_i ~ p(z_i | h_t(i))."""
+        p = next(self.parameters())
+        z0 = temperature * torch.randn(n, self.cfg.nz0, device=p.device, dtype=p.dtype)
+        h_t = self.top.decode(z0)
+        for j, tds in enumerate(self.td):
+            if j > 0:
+                h_t = self.td_up[j - 1](h_t)
+            for td in tds:
+                mu_p, logvar_p = td.prior(h_t)
+                h_t = td(h_t, mu_p + temperature * torch.exp(0.5 * logvar_p) * torch.randn_like(mu_p))
+        return self.out_up(h_t)
+
+    def output_params(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """Parameters of p(x | z) from the last TD output (and, with AR reconstruction, from x)."""
+        if self.cfg.fully_connected:
+            s = self.cfg.image_size
+            return self.out(h.flatten(1)).view(h.shape[0], -1, s, s)
+        params = self.out(h)
+        if self.ar is not None:
+            params = params + self.ar(x, h)
+        return params
+
+    # ---- public API -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, kl_weight: float = 1.0, return_log_weight: bool = False) -> MatNetOutput:
+        self.check_input(x)
+        trace = _Trace(return_log_weight)
+        h = self.top_down(self.bottom_up(x), trace)
+        recon = self.dist.nll(x, self.output_params(h, x))
+        kl = torch.stack(trace.kl, dim=1)
+        nll_bound = recon + kl.sum(1)
+        loss = (recon + kl_weight * kl.sum(1)).mean() if kl_weight != 1.0 else nll_bound.mean()
+        log_w = -(recon + trace.log_ratio) if return_log_weight else None
+        return MatNetOutput(loss, nll_bound, recon, kl, log_w)
+
+    @torch.no_grad()
+    def iwae_nll(self, x: torch.Tensor, k: int = 2500, chunk: int | None = None) -> torch.Tensor:
+        """Importance-sampled bound -log (1/k) sum_s p(x, z_s) / q(z_s | x), z_s ~ q(z | x); [B] nats.
+
+        The BU pass runs once; the k samples go through the TD network `chunk` at a time, with a
+        running logsumexp, so memory is set by B * chunk and not by k.
+        """
+        self.check_input(x)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        B = x.shape[0]
+        chunk = max(1, min(k, chunk or max(1, 2048 // max(B, 1))))
+        bu = self.bottom_up(x)
+        total = torch.full((B,), -math.inf, device=x.device, dtype=torch.float64)
+        done = 0
+        while done < k:
+            c = min(chunk, k - done)
+            bu_c = [[s.repeat(c, 1, 1, 1) for s in g] for g in bu]
+            x_c = x.repeat(c, 1, 1, 1)
+            trace = _Trace(True)
+            h = self.top_down(bu_c, trace)
+            log_w = -(self.dist.nll(x_c, self.output_params(h, x_c)) + trace.log_ratio)
+            lse = torch.logsumexp(log_w.double().view(c, B), dim=0)
+            total = torch.logaddexp(total, lse)
+            done += c
+        return (math.log(k) - total).to(x.dtype)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, mean: bool = False) -> torch.Tensor:
+        """n images [n, C, H, W] in data space. mean=True returns E[x | z] (or the mode for the
+        logistic likelihoods) instead of a draw, as is customary for displaying binary data."""
+        h = self.generate_features(n, temperature)
+        pick = self.dist.mean if mean else self.dist.sample
+        if self.ar is None:
+            return pick(self.output_params(h, None))
+        cfg = self.cfg
+        x = torch.zeros(n, cfg.image_channels, cfg.image_size, cfg.image_size, device=h.device, dtype=h.dtype)
+        base = self.out(h)
+        reach = max(c.weight.shape[-1] for c in self.ar.convs) // 2  # rows of `h` that row i reads below it
+        for i in range(cfg.image_size):  # raster order: pixel (i, j) sees only pixels before it
+            r = min(cfg.image_size, i + 1 + reach)  # rows past r cannot reach row i: crop for speed
+            for j in range(cfg.image_size):
+                params = base[:, :, :r] + self.ar(x[:, :, :r], h[:, :, :r])
+                x[:, :, i, j] = pick(params)[:, :, i, j]
+        return x
+
+    def kl_groups(self) -> list[tuple[str, int]]:
+        """(name, number of stochastic modules) per meta module, top-down, z0 first (for Fig. 4)."""
+        names = ["fc"] if self.cfg.fully_connected else [f"{r}x{r}" for r in self.scale_sizes]
+        return [("z0", 1)] + list(zip(names, self.counts))

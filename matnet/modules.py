@@ -1,0 +1,172 @@
+"""The modules of a MatNet (paper section 2.2), one class per equation.
+
+Every module calls its numeric kernels through `self.ops`, a namespace with the
+signatures of `matnet.ops.reference`; `FastMatNet` swaps in the fast ops, so both
+models share parameters and state_dict keys.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import reference
+
+
+def ops_namespace(name: str) -> ModuleType:
+    """'reference': plain torch (matnet.ops.reference); 'fast': the dispatching fast ops (matnet.ops)."""
+    if name == "reference":
+        return reference
+    if name == "fast":
+        from . import ops
+
+        return ops
+    raise ValueError(f"ops must be 'reference' or 'fast', got {name!r}")
+
+
+class UsesOps:
+    """Numeric kernels from a swappable namespace, stored by name so models deepcopy and pickle."""
+
+    ops_name: str = "reference"
+
+    @property
+    def ops(self) -> ModuleType:
+        return ops_namespace(self.ops_name)
+
+
+class OpsModule(UsesOps, nn.Module):
+    """A module whose numeric kernels come from a swappable ops namespace."""
+
+
+class ResidualBlock(OpsModule):
+    """lrelu(h + conv(lrelu(conv([h; extra], w1)), w2)): the shared form of Eq. 7, 9 and 10.
+
+    A fully-connected state is a [B, C, 1, 1] map with kernel_size=1.
+    """
+
+    def __init__(self, channels: int, extra_channels: int = 0, kernel_size: int = 3, slope: float = 0.1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels + extra_channels, channels, kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.slope = slope
+
+    def forward(self, h: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        c1, c2 = self.conv1, self.conv2
+        return self.ops.residual_conv_block(h, c1.weight, c1.bias, c2.weight, c2.bias, extra, self.slope)
+
+
+class BUModule(ResidualBlock):
+    """Eq. 9: h_b(i) = lrelu(h_b(i+1) + conv(lrelu(conv(h_b(i+1)))))."""
+
+    def __init__(self, channels: int, kernel_size: int = 3, slope: float = 0.1):
+        super().__init__(channels, 0, kernel_size, slope)
+
+
+class PriorHead(nn.Module):
+    """Eq. 8: [mu_bar; logvar_bar] = conv(lrelu(conv(h_t(i))))."""
+
+    def __init__(self, channels: int, z_channels: int, kernel_size: int = 3, slope: float = 0.1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.conv2 = nn.Conv2d(channels, 2 * z_channels, kernel_size, padding=kernel_size // 2)
+        self.slope = slope
+
+    def forward(self, h_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv2(F.leaky_relu(self.conv1(h_t), self.slope)).chunk(2, dim=1)
+
+
+class TDModule(nn.Module):
+    """Eq. 7 + Eq. 8: a prior p(z_i | h_t(i)) and h_t(i+1) = lrelu(h_t + conv(lrelu(conv([h_t; z_i]))))."""
+
+    def __init__(self, channels: int, z_channels: int, kernel_size: int = 3, slope: float = 0.1):
+        super().__init__()
+        self.prior = PriorHead(channels, z_channels, kernel_size, slope)
+        self.update = ResidualBlock(channels, z_channels, kernel_size, slope)
+
+    def forward(self, h_t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.update(h_t, z)
+
+
+class GRUTDModule(nn.Module):
+    """TD module of a fully-connected MatNet: a stochastic GRU-style update h_t(i+1) = GRU(z_i, h_t(i)).
+
+    States are [B, W, 1, 1]; the prior head is Eq. 8 with 1x1 kernels.
+    """
+
+    def __init__(self, width: int, z_channels: int, slope: float = 0.1):
+        super().__init__()
+        self.prior = PriorHead(width, z_channels, 1, slope)
+        self.update = nn.GRUCell(z_channels, width)
+
+    def forward(self, h_t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.update(z.flatten(1), h_t.flatten(1))[:, :, None, None]
+
+
+class MergeModule(nn.Module):
+    """Eq. 10 + 11: h_m(i+1) = lrelu(h_m + conv(lrelu(conv([h_m; h_b; h_t])))); [mu; logvar] = conv(h_m(i+1))."""
+
+    def __init__(self, channels: int, z_channels: int, kernel_size: int = 3, slope: float = 0.1):
+        super().__init__()
+        self.update = ResidualBlock(channels, 2 * channels, kernel_size, slope)
+        self.head = nn.Conv2d(channels, 2 * z_channels, kernel_size, padding=kernel_size // 2)
+
+    def forward(self, h_m: torch.Tensor, h_b: torch.Tensor, h_t: torch.Tensor):
+        h_m = self.update(h_m, torch.cat([h_b, h_t], dim=1))
+        mu, logvar = self.head(h_m).chunk(2, dim=1)
+        return h_m, mu, logvar
+
+
+class GRUMergeModule(nn.Module):
+    """Merge module of a fully-connected MatNet: h_m(i+1) = GRU([h_b; h_t], h_m); [mu; logvar] = W h_m(i+1)."""
+
+    def __init__(self, width: int, z_channels: int):
+        super().__init__()
+        self.update = nn.GRUCell(2 * width, width)
+        self.head = nn.Conv2d(width, 2 * z_channels, 1)
+
+    def forward(self, h_m: torch.Tensor, h_b: torch.Tensor, h_t: torch.Tensor):
+        h_m = self.update(torch.cat([h_b, h_t], dim=1).flatten(1), h_m.flatten(1))[:, :, None, None]
+        mu, logvar = self.head(h_m).chunk(2, dim=1)
+        return h_m, mu, logvar
+
+
+class FCTop(nn.Module):
+    """The fully-connected top of a MatNet.
+
+    Inference (`encode`): the last BU state -> FC -> residual FC module -> [mu0; logvar0] of q(z0 | x).
+    Generation (`decode`): z0 -> FC -> residual FC module -> FC -> the first TD state [C, r, r].
+    """
+
+    def __init__(self, channels: int, size: int, nz0: int, width: int, slope: float = 0.1):
+        super().__init__()
+        flat = channels * size * size
+        self.shape = (channels, size, size)
+        self.slope = slope
+        self.bu_in = nn.Linear(flat, width)
+        self.bu_module = BUModule(width, 1, slope)
+        self.bu_out = nn.Linear(width, 2 * nz0)
+        self.td_in = nn.Linear(nz0, width)
+        self.td_module = BUModule(width, 1, slope)  # same residual form, deterministic
+        self.td_out = nn.Linear(width, flat)
+
+    def encode(self, h_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.leaky_relu(self.bu_in(h_b.flatten(1)), self.slope)[:, :, None, None]
+        return self.bu_out(self.bu_module(h).flatten(1)).chunk(2, dim=1)
+
+    def decode(self, z0: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.td_in(z0), self.slope)[:, :, None, None]
+        h = F.leaky_relu(self.td_out(self.td_module(h).flatten(1)), self.slope)
+        return h.view(-1, *self.shape)
+
+
+def downsample(channels: int, slope: float) -> nn.Module:
+    """Joins two meta modules going up (BU): a stride-2 conv halves the spatial size."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.LeakyReLU(slope))
+
+
+def upsample(channels: int, slope: float) -> nn.Module:
+    """Joins two meta modules going down (TD, merge): a stride-2 transposed conv doubles the size."""
+    return nn.Sequential(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(slope))

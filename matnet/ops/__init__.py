@@ -1,0 +1,19 @@
+"""matnet's numeric ops. Each has a plain-torch reference in `matnet.ops.reference`."""
+
+from . import reference
+from .reference import (
+    discretized_logistic_mixture_nll,
+    discretized_logistic_nll,
+    gaussian_sample_kl,
+    masked_conv2d,
+    residual_conv_block,
+)
+
+__all__ = [
+    "reference",
+    "residual_conv_block",
+    "gaussian_sample_kl",
+    "discretized_logistic_nll",
+    "discretized_logistic_mixture_nll",
+    "masked_conv2d",
+]

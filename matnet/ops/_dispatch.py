@@ -1,0 +1,64 @@
+"""Which implementation an op runs: the Triton kernels, the C++/CUDA extension or the reference.
+
+MATNET_FORCE_REFERENCE=1 routes every public op (and FastMatNet) to the plain-torch reference,
+for debugging and A/B runs. Load failures are logged once with their reason, never raised.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("matnet.ops")
+
+
+def force_reference() -> bool:
+    return os.environ.get("MATNET_FORCE_REFERENCE", "0") not in ("", "0", "false", "False")
+
+
+@functools.cache
+def extension_loaded() -> bool:
+    """True when matnet._C (the C++/CUDA kernels) imported and registered its ops."""
+    try:
+        importlib.import_module("matnet._C")
+        return True
+    except Exception as e:  # ImportError, undefined symbols, ABI mismatch...
+        log.warning("matnet._C not available (%s: %s); using reference paths for the "
+                    "likelihood and sampling ops on CPU", type(e).__name__, e)
+        return False
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+        return True
+    except Exception as e:
+        log.warning("triton not available (%s); using reference paths on CUDA", e)
+        return False
+
+
+def extension_has_cuda() -> bool:
+    return extension_loaded() and hasattr(torch.ops.matnet, "cuda_enabled") and bool(
+        torch.ops.matnet.cuda_enabled())
+
+
+def check_same(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Clear errors for mismatched shapes, dtypes and devices, raised before any kernel launch."""
+    if not isinstance(ref, torch.Tensor):
+        raise TypeError(f"{name}: expected tensors, got {type(ref).__name__}")
+    if not ref.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {ref.dtype}")
+    for k, t in tensors.items():
+        if t is None:
+            continue
+        if t.device != ref.device:
+            raise ValueError(f"{name}: {k} is on {t.device} but the first input is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name}: {k} has dtype {t.dtype} but the first input has {ref.dtype}")
+        if t.shape != ref.shape:
+            raise ValueError(f"{name}: {k} has shape {list(t.shape)} but the first input has {list(ref.shape)}")

@@ -1,0 +1,118 @@
+"""PNG outputs: image grids, the NLL curves, and the paper's Fig. 4 (KL per module over training)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """[N, C, H, W] in data space ({0,1}/[0,1] or [-1,1]) -> uint8 [rows*H, cols*W, 3] grid."""
+    x = images.detach().float().cpu()
+    if x.min() < 0:
+        x = (x + 1) / 2
+    x = x.clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    n, _, h, w = x.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    grid = torch.ones(3, ncol * (h + pad) + pad, nrow * (w + pad) + pad) * 0.5
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i]
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+                    scale: int = 2) -> None:
+    """Save a PNG grid, upscaled `scale` times with nearest-neighbour so small images stay crisp."""
+    img = Image.fromarray(image_grid(images, nrow))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Read a JSON-lines metrics log, skipping a torn last line."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_kl_per_module(rows: list[dict], groups: list[tuple[str, int]], path: str | os.PathLike,
+                       title: str = "KL per module") -> None:
+    """Fig. 4: stacked areas of KL(q(z_i) || p(z_i)) per module over training, z0 at the bottom.
+    Light lines separate modules, dark lines separate meta modules."""
+    plt = _pyplot()
+    rows = [r for r in rows if "kl_per_module" in r]
+    if not rows:
+        raise ValueError("no rows with kl_per_module in the metrics")
+    steps = np.array([r["step"] for r in rows])
+    kl = np.array([r["kl_per_module"] for r in rows]).T  # [modules, T]
+    cum = np.vstack([np.zeros_like(steps, dtype=float), np.cumsum(kl, axis=0)])
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    i = 0
+    for g, (name, count) in enumerate(groups):
+        for m in range(count):
+            ax.fill_between(steps, cum[i], cum[i + 1], color=cmap(g % 10), alpha=0.35 + 0.5 * (m + 1) / (count + 1),
+                            linewidth=0, label=name if m == 0 else None)
+            last = m == count - 1
+            ax.plot(steps, cum[i + 1], color="black" if last else "white", lw=1.2 if last else 0.5)
+            i += 1
+    ax.set_xlabel("training step")
+    ax.set_ylabel("KL (nats)")
+    ax.set_title(title)
+    ax.set_xlim(steps[0], steps[-1])
+    ax.set_ylim(0, None)
+    ax.legend(title="meta module (top-down)", loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_nll(rows: list[dict], path: str | os.PathLike, unit: str = "nats") -> None:
+    """Training loss and validation bounds (ELBO, IWAE) over steps."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    train = [r for r in rows if "nll_bound" in r and r.get("split") == "train"]
+    if train:
+        ax.plot([r["step"] for r in train], [r["nll_bound"] for r in train], lw=0.8, alpha=0.6, label="train -ELBO")
+    for key, style in (("val_elbo", "o-"), ("val_iwae", "s-")):
+        ev = [r for r in rows if key in r]
+        if ev:
+            k = ev[-1].get("iwae_k")
+            label = f"val IWAE (k={k})" if key == "val_iwae" else "val -ELBO"
+            ax.plot([r["step"] for r in ev], [r[key] for r in ev], style, ms=3, label=label)
+    vals = [r[k] for r in rows for k in ("val_elbo", "val_iwae") if k in r]
+    if vals:  # focus the y-range on the evaluated values, not the first noisy steps
+        lo, hi = min(vals), max(vals)
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1), hi + 0.5 * (hi - lo + 1))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"negative log-likelihood bound ({unit})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

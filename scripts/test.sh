@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite from nothing: set up, lint, C++ unit tests (ctest), pytest (tests and
+# every benchmark once in quick mode). Real-MNIST tests use $MATNET_DATA_DIR, else
+# ../shared/datasets when present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ -z "${MATNET_DATA_DIR:-}" ] && [ -d ../shared/datasets ]; then
+  export MATNET_DATA_DIR=$(cd ../shared/datasets && pwd)
+fi
+.venv/bin/ruff check .
+if [ -f CMakeLists.txt ] && command -v cmake >/dev/null; then
+  TORCH_PREFIX=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build build/cpp -j2 >/dev/null
+  ctest --test-dir build/cpp --output-on-failure
+fi
+targets="tests"
+[ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1 && targets="tests benchmarks"
+.venv/bin/python -m pytest $targets -q --benchmark-disable "$@"

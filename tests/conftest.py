@@ -1,0 +1,36 @@
+"""Shared test setup. Without a GPU the Triton kernels run under the interpreter, which must be
+switched on before any @triton.jit function is defined."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_data_dir() -> str | None:
+    """The shared datasets: $MATNET_DATA_DIR, else ../shared/datasets beside the repo."""
+    for d in (os.environ.get("MATNET_DATA_DIR"), os.path.join(REPO, "..", "shared", "datasets")):
+        if d and os.path.isdir(d):
+            return os.path.abspath(d)
+    return None
+
+
+@pytest.fixture
+def mnist_dir() -> str:
+    d = shared_data_dir()
+    if d is None or not os.path.isdir(os.path.join(d, "mnist")):
+        if os.environ.get("MATNET_REQUIRE_DATA") == "1":
+            pytest.fail("MATNET_REQUIRE_DATA=1 but the MNIST files were not found")
+        pytest.skip("real MNIST not found (set MATNET_DATA_DIR)")
+    return os.path.join(d, "mnist")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,198 @@
+"""Training loop, checkpoints, resume, plots and the CLI, on a small MNIST-format dataset."""
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import matnet
+from matnet import cli, plots
+from matnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from matnet.train import Trainer, TrainOptions, evaluate, lr_factor
+
+
+def _write_idx(path, arr):
+    head = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_mnist(tmp_path_factory):
+    """120 train / 40 test 28x28 'digits': bright blobs at random places."""
+    d = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("t10k", 40)):
+        img = np.zeros((n, 28, 28), np.uint8)
+        for i in range(n):
+            r, c = rng.integers(4, 20, size=2)
+            img[i, r:r + 8, c:c + 6] = rng.integers(150, 256)
+        _write_idx(d / f"{split}-images-idx3-ubyte.gz", img)
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return str(d)
+
+
+def _opts(tmp_path, data, **kw):
+    base = dict(out_dir=str(tmp_path), data_dir=data, device="cpu", steps=6, val_size=40, log_every=1,
+                eval_every=3, eval_images=16, iwae_k=4, iwae_images=4, ckpt_every=3, progress=False)
+    return TrainOptions(**{**base, **kw})
+
+
+def _tiny(**kw):
+    return matnet.MatNetConfig.preset("tiny", batch_size=8, **kw)
+
+
+def test_lr_schedule_constant_then_linear():
+    assert lr_factor(0, 100, 0.5, 0.0) == 1.0
+    assert lr_factor(49, 100, 0.5, 0.0) == 1.0
+    assert lr_factor(75, 100, 0.5, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 0.5, 0.1) == pytest.approx(0.1)
+
+
+def test_checkpoint_atomic_and_errors(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {"config": {}, "model": {"w": torch.ones(2)}})
+    assert list(tmp_path.iterdir()) == [p]  # no temp file left behind
+    assert torch.equal(load_checkpoint(p)["model"]["w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    raw = p.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    torch.save([1, 2], tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a matnet checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_checkpoint_write_failure_keeps_old_file(tmp_path, monkeypatch):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {"config": {}, "model": {"v": 1}})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(p, {"config": {}, "model": {"v": 2}})
+    monkeypatch.undo()
+    assert load_checkpoint(p)["model"]["v"] == 1
+    assert [f.name for f in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_resume_continues_exactly(tmp_path, fake_mnist):
+    cfg = _tiny()
+    straight = Trainer(cfg, _opts(tmp_path / "a", fake_mnist))
+    straight.run()
+    first = Trainer(cfg, _opts(tmp_path / "b", fake_mnist))
+    first.run(until=3)  # an interrupted run: checkpoint at step 3, schedule of 6 steps
+    resumed = Trainer(cfg, _opts(tmp_path / "b", fake_mnist))
+    assert resumed.step == 3
+    resumed.run()
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    rows_a = [r for r in plots.read_metrics(tmp_path / "a" / "metrics.jsonl") if r["split"] == "train"]
+    rows_b = [r for r in plots.read_metrics(tmp_path / "b" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    st = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert st["step"] == 6 and st["config"] == cfg.to_dict()
+    assert {"optimizer", "rng", "loader"} <= set(st)
+    for name in ("nll.png", "samples.png", "kl_per_module.png"):
+        assert (tmp_path / "b" / name).stat().st_size > 1000
+
+
+def test_non_finite_gradient_skips_update(tmp_path, fake_mnist, monkeypatch):
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist))
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    x = next(tr.loader.forever())
+    real_forward = tr.model.forward
+
+    def nan_forward(*a, **k):
+        out = real_forward(*a, **k)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(tr.model, "forward", nan_forward)
+    row = tr.train_step(x)
+    assert row["skipped"] == 1 and tr.skipped == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, tr.model.parameters()))
+    monkeypatch.undo()
+    tr.train_step(x)
+    assert tr.skipped == 1
+    assert any(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters()))
+
+
+def test_ema_weights_track_the_model(tmp_path, fake_mnist):
+    tr = Trainer(_tiny(ema_rate=0.9), _opts(tmp_path, fake_mnist))
+    p0 = [p.detach().clone() for p in tr.model.parameters()]
+    tr.train_step(next(tr.loader.forever()))
+    for e, a, p in zip(tr.ema.parameters(), p0, tr.model.parameters()):
+        torch.testing.assert_close(e, 0.9 * a + 0.1 * p)
+
+
+def test_evaluate_is_reproducible_and_leaves_rng_alone(tmp_path, fake_mnist):
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist))
+    state = torch.get_rng_state()
+    a = evaluate(tr.model, tr.val_data, 16, iwae_k=3, iwae_images=4)
+    b = evaluate(tr.model, tr.val_data, 16, iwae_k=3, iwae_images=4)
+    assert a == b
+    assert torch.equal(state, torch.get_rng_state())
+    assert a["iwae"] <= a["elbo"] + 50  # same ballpark; IWAE uses a subset
+
+
+def test_config_mismatch_with_dataset_is_clear(tmp_path, fake_mnist):
+    with pytest.raises(ValueError, match="shape"):
+        Trainer(matnet.MatNetConfig.preset("tiny", image_size=32, stem_downsample=2),
+                _opts(tmp_path, fake_mnist))
+
+
+def test_cli_train_eval_sample(tmp_path, fake_mnist, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--preset", "tiny", "--data-dir", fake_mnist, "--out", str(out), "--steps", "4",
+                   "--batch-size", "8", "--val-size", "40", "--eval-every", "4", "--eval-images", "8",
+                   "--iwae-k", "2", "--iwae-images", "2", "--device", "cpu"])
+    assert rc == 0
+    ck = out / "checkpoint.pt"
+    rc = cli.main(["eval", str(ck), "--data-dir", fake_mnist, "--k", "3", "--n-images", "8",
+                   "--iwae-images", "4", "--batch-size", "4", "--out", str(tmp_path / "e.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["split"] == "test" and res["iwae_k"] == 3 and res["elbo"] > 0
+    rc = cli.main(["sample", str(ck), "--n", "9", "--out", str(tmp_path / "s.png")])
+    assert rc == 0 and (tmp_path / "s.png").stat().st_size > 200
+    rc = cli.main(["eval", str(tmp_path / "nope.pt"), "--data-dir", fake_mnist])
+    assert rc == 2 and "nope.pt" in capsys.readouterr().err
+    m = load_model(ck)
+    assert isinstance(m, matnet.MatNet) and not m.training
+
+
+def test_cli_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "matnet", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "train" in r.stdout and "eval" in r.stdout
+
+
+def test_kl_plot_groups_follow_meta_modules(tmp_path):
+    m = matnet.MatNet(matnet.MatNetConfig.preset("tiny"))
+    groups = m.kl_groups()
+    assert groups == [("z0", 1), ("7x7", 1), ("14x14", 2)]
+    rows = [{"step": s, "kl_per_module": [1.0, 2.0, 0.5, 0.5]} for s in range(1, 5)]
+    plots.plot_kl_per_module(rows, groups, tmp_path / "kl.png")
+    assert (tmp_path / "kl.png").stat().st_size > 1000
+
+
+@pytest.mark.data
+def test_few_hundred_steps_on_real_mnist_lower_the_loss(tmp_path, mnist_dir):
+    cfg = matnet.MatNetConfig.preset("tiny", batch_size=32)
+    tr = Trainer(cfg, _opts(tmp_path, mnist_dir, steps=300, eval_every=0, ckpt_every=1000, log_every=10,
+                            val_size=10000))
+    before = evaluate(tr.model, tr.val_data, 500)["elbo"]
+    tr.run()
+    after = evaluate(tr.model, tr.val_data, 500)["elbo"]
+    rows = [r["loss"] for r in plots.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert np.mean(rows[-5:]) < np.mean(rows[:5]) - 100
+    assert after < before - 200 and after < 250, (before, after)
