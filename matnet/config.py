@@ -71,6 +71,8 @@ class MatNetConfig:
                     f"image_size {self.image_size} is not divisible by {div} "
                     f"(stem_downsample={self.stem_downsample}, {len(self.modules_per_scale)} scales)"
                 )
+        if self.ar_layers and self.fully_connected:
+            raise ValueError("the autoregressive decoder needs a convolutional MatNet (fully_connected=False)")
         if self.ar_layers and self.likelihood == "gaussian":
             raise ValueError("the autoregressive decoder needs a discrete likelihood")
 

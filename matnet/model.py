@@ -157,7 +157,7 @@ class MatNet(UsesOps, nn.Module):
 
     def top_down(self, bu: list[list[torch.Tensor]], trace: _Trace) -> torch.Tensor:
         """Inference pass (Eq. 2, 7, 8, 10, 11): returns the last TD output at image resolution."""
-        mu0, logvar0 = self.top.encode(bu[0][-1])
+        mu0, logvar0 = self.top.encode(bu[0][0])  # f_0^b reads the final BU state
         zeros = torch.zeros_like(mu0)
         z0 = self._stochastic(mu0, logvar0, zeros, zeros, trace)
         h_t = self.top.decode(z0)

@@ -163,7 +163,8 @@ def test_discretized_logistic_edge_bins_integrate_the_tails():
 
 @pytest.mark.parametrize(
     "dtype,tol,log_scale",
-    [(torch.float64, 1e-9, s) for s in (-16.0, -9.0, -7.0, -4.0, -1.0, 0.0, 3.0, 9.0)]
+    # float64: F.softplus switches to the identity above 20, dropping up to exp(-20) ~ 2e-9 per bin
+    [(torch.float64, 1e-8, s) for s in (-16.0, -9.0, -7.0, -4.0, -1.0, 0.0, 3.0, 9.0)]
     # float32 resolves a bin boundary only to ~6e-8, so its scales start at the model's clamp (-7)
     + [(torch.float32, 1e-4, s) for s in (-7.0, -4.0, -1.0, 0.0, 3.0, 9.0)],
 )
@@ -265,7 +266,7 @@ def test_mixture_probabilities_of_all_pixel_values_sum_to_one(scale_range):
         log_scales.expand(n, -1, -1, -1, -1), coeffs.expand(n, -1, -1, -1, -1))
     assert torch.isfinite(nll).all()
     torch.testing.assert_close(torch.exp(-nll).sum(), torch.tensor(1.0, dtype=torch.float64),
-                               rtol=0, atol=1e-9)
+                               rtol=0, atol=1e-8)
 
 
 # ---- output distributions -------------------------------------------------------------------------

@@ -1,0 +1,188 @@
+"""The fused residual conv block (paper Eq. 7, 9, 10) as a registered op.
+
+    out = lrelu(h + conv(a1, w2) + b2),   a1 = lrelu(conv([h; extra], w1) + b1)
+
+`residual_conv_block` validates its inputs, honours MATNET_FORCE_REFERENCE and calls
+`torch.ops.matnet.residual_conv_block`, which returns (out, a1): a1 is what the backward needs
+(lrelu' is read off the sign of a1 and out, slope >= 0). CUDA tensors in fp32/fp16/bf16 run the
+Triton kernels of `matnet.kernels.residual_conv`; anything else runs torch's convolutions. The
+backward is its own op, `matnet::residual_conv_block_backward`, so both trace under torch.compile.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from . import reference
+from ._dispatch import force_reference, triton_available
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return t.is_cuda and t.dtype in _TRITON_DTYPES and triton_available()
+
+
+def _dlrelu(v: torch.Tensor, slope: float) -> torch.Tensor:
+    # lrelu'(a) from a or lrelu(a): same sign when slope >= 0
+    return torch.where(v > 0, 1.0, slope).to(v.dtype)
+
+
+@torch.library.custom_op("matnet::residual_conv_block", mutates_args=())
+def _residual_conv_block_op(
+    h: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    extra: torch.Tensor | None,
+    slope: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(h):
+        from matnet.kernels.residual_conv import residual_conv_block_fwd
+
+        return residual_conv_block_fwd(h, w1, b1, w2, b2, extra, slope)
+    inp = h if extra is None else torch.cat([h, extra], dim=1)
+    a1 = F.leaky_relu(F.conv2d(inp, w1, b1, padding=w1.shape[-1] // 2), slope)
+    out = F.leaky_relu(h + F.conv2d(a1, w2, b2, padding=w2.shape[-1] // 2), slope)
+    return out, a1
+
+
+@_residual_conv_block_op.register_fake
+def _(h, w1, b1, w2, b2, extra, slope):
+    B, _, H, W = h.shape
+    return h.new_empty(h.shape), h.new_empty(B, w1.shape[0], H, W)
+
+
+@torch.library.custom_op("matnet::residual_conv_block_backward", mutates_args=())
+def _residual_conv_block_backward_op(
+    grad_out: torch.Tensor,
+    h: torch.Tensor,
+    extra: torch.Tensor | None,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    out: torch.Tensor,
+    a1: torch.Tensor,
+    slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_h, grad_extra, grad_w1, grad_b1, grad_w2, grad_b2); grad_extra is empty [0] without extra."""
+    if _use_triton(h):
+        from matnet.kernels.residual_conv import residual_conv_block_bwd
+
+        gh, gextra, gw1, gb1, gw2, gb2 = residual_conv_block_bwd(grad_out, h, extra, w1, w2, out, a1, slope)
+        return gh, (h.new_empty(0) if gextra is None else gextra), gw1, gb1, gw2, gb2
+    # explicit formulas (not autograd): the registered backward is checked by gradcheck on CPU
+    p1, p2 = w1.shape[-1] // 2, w2.shape[-1] // 2
+    inp = h if extra is None else torch.cat([h, extra], dim=1)
+    g2 = grad_out * _dlrelu(out, slope)
+    g1 = conv2d_input(a1.shape, w2, g2, padding=p2) * _dlrelu(a1, slope)
+    ginp = conv2d_input(inp.shape, w1, g1, padding=p1)
+    C = h.shape[1]
+    gh = ginp[:, :C] + g2
+    gextra = h.new_empty(0) if extra is None else ginp[:, C:].contiguous()
+    gw1 = conv2d_weight(inp, w1.shape, g1, padding=p1)
+    gw2 = conv2d_weight(a1, w2.shape, g2, padding=p2)
+    return gh, gextra, gw1, g1.sum((0, 2, 3)), gw2, g2.sum((0, 2, 3))
+
+
+@_residual_conv_block_backward_op.register_fake
+def _(grad_out, h, extra, w1, w2, out, a1, slope):
+    gextra = h.new_empty(0) if extra is None else torch.empty_like(extra)
+    return (torch.empty_like(h), gextra, torch.empty_like(w1), w1.new_empty(w1.shape[0]),
+            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    h, w1, b1, w2, b2, extra, slope = inputs
+    out, a1 = output
+    ctx.save_for_backward(h, extra, w1, w2, out, a1)
+    ctx.slope = slope
+    ctx.has_b = (b1 is not None, b2 is not None)
+    ctx.mark_non_differentiable(a1)  # returned only to be saved; the public wrapper drops it
+
+
+def _backward(ctx, grad_out, _grad_a1):
+    h, extra, w1, w2, out, a1 = ctx.saved_tensors
+    gh, gextra, gw1, gb1, gw2, gb2 = torch.ops.matnet.residual_conv_block_backward(
+        grad_out, h, extra, w1, w2, out, a1, ctx.slope)
+    has_b1, has_b2 = ctx.has_b
+    return (gh, gw1, gb1 if has_b1 else None, gw2, gb2 if has_b2 else None,
+            None if extra is None else gextra, None)
+
+
+_residual_conv_block_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_4d(name: str, **tensors: torch.Tensor | None) -> None:
+    for k, t in tensors.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 4):
+            got = f"shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {k} must be a 4-D tensor, got {got}")
+
+
+def _check_like(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    if not ref.is_floating_point():
+        raise TypeError(f"{name}: expected floating-point tensors, got {ref.dtype}")
+    for k, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {k} must be a tensor or None, got {type(t).__name__}")
+        if t.device != ref.device:
+            raise ValueError(f"{name}: {k} is on {t.device} but the first input is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name}: {k} has dtype {t.dtype} but the first input has {ref.dtype}")
+
+
+def _check_kernel(name: str, k: str, w: torch.Tensor) -> int:
+    kh, kw = w.shape[-2:]
+    if kh != kw or kh % 2 != 1:
+        raise ValueError(f"{name}: {k} must have an odd square kernel, got {kh}x{kw}")
+    return kh
+
+
+def _validate(h, w1, b1, w2, b2, extra, slope) -> None:
+    name = "residual_conv_block"
+    _check_4d(name, h=h, w1=w1, w2=w2, extra=extra)
+    _check_like(name, h, w1=w1, b1=b1, w2=w2, b2=b2, extra=extra)
+    B, C, H, W = h.shape
+    E = 0
+    if extra is not None:
+        if extra.shape[0] != B or extra.shape[2:] != h.shape[2:]:
+            raise ValueError(f"{name}: extra has shape {list(extra.shape)}, expected [{B}, E, {H}, {W}] "
+                             f"to match h {list(h.shape)}")
+        E = extra.shape[1]
+    M = w1.shape[0]
+    if w1.shape[1] != C + E:
+        raise ValueError(f"{name}: w1 has {w1.shape[1]} input channels but h has {C} and extra {E} "
+                         f"(w1 must be [M, {C + E}, k, k])")
+    if w2.shape[0] != C or w2.shape[1] != M:
+        raise ValueError(f"{name}: w2 has shape {list(w2.shape)}, expected [{C}, {M}, k, k] "
+                         f"(C from h, M from w1)")
+    _check_kernel(name, "w1", w1)
+    _check_kernel(name, "w2", w2)
+    for k, b, n in (("b1", b1, M), ("b2", b2, C)):
+        if b is not None and tuple(b.shape) != (n,):
+            raise ValueError(f"{name}: {k} has shape {list(b.shape)}, expected [{n}]")
+    if not isinstance(slope, (int, float)) or slope < 0:
+        raise ValueError(f"{name}: slope must be a number >= 0, got {slope!r}")
+
+
+def residual_conv_block(
+    h: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    extra: torch.Tensor | None = None,
+    slope: float = 0.1,
+) -> torch.Tensor:
+    """lrelu(h + conv(lrelu(conv([h; extra], w1) + b1), w2) + b2) with 'same' padding.
+
+    h: [B, C, H, W]; extra: [B, E, H, W] or None; w1: [M, C+E, k1, k1]; b1: [M] or None;
+    w2: [C, M, k2, k2]; b2: [C] or None; odd k; slope >= 0. Returns [B, C, H, W].
+    """
+    _validate(h, w1, b1, w2, b2, extra, slope)
+    if force_reference():
+        return reference.residual_conv_block(h, w1, b1, w2, b2, extra, slope)
+    return torch.ops.matnet.residual_conv_block(h, w1, b1, w2, b2, extra, float(slope))[0]
