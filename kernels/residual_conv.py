@@ -22,8 +22,8 @@ Backward (s = slope, lrelu'(v) = 1 if v > 0 else s, read off a1 / out since s >=
 
 Loads are masked and upcast to fp32 at once; accumulation is fp32. On a GPU, fp16/bf16
 operands go to `tl.dot` in their own dtype (tensor cores), fp32 ones as tf32 unless
-`torch.backends.cudnn.allow_tf32` is off. Offsets assume B*C*H*W < 2**31 per tensor except the
-batch term, which is 64-bit.
+`torch.backends.cudnn.allow_tf32` is off. Under TRITON_INTERPRET=1 the same kernels run on CPU
+tensors, all in fp32. Offsets within one sample (C*H*W) are 32-bit, the batch term 64-bit.
 """
 
 from __future__ import annotations
@@ -55,43 +55,39 @@ def _conv_accumulate(
 ):
     """acc[p, n] += sum_{t < TAPS} sum_{c < C} x[b, c, p + SGN*d_t] * w[t, c_off + c, n].
 
-    x: one NCHW source (C channels); x_base [BLOCK_P] is the offset of each output pixel's own
-    position (batch and spatial) in it;
-    d_t = (t // K - K//2, t % K - K//2) is tap t in raster order; out-of-image taps read 0.
+    x: one NCHW source (C channels); x_base [BLOCK_P]: offset of each output pixel (batch and
+    position) in x; d_t = (t // K - K//2, t % K - K//2) is tap t in raster order, so a prefix
+    t < TAPS is a causal mask; out-of-image taps read 0.
     With GATE the loaded x is multiplied by lrelu'(gate) (gate has x's layout).
     """
     HW = H * W
-    a_cols = offs_k[None, :] * HW  # hoisted: the interpreter pays per op, the compiler would hoist anyway
+    a_cols = offs_k[None, :] * HW  # hoisted: the interpreter pays per op
     w_tile = offs_k[:, None] * s_wc + offs_n[None, :]
-    for t in tl.static_range(TAPS):
-        DY = SGN * (t // K - K // 2)
-        DX = SGN * (t % K - K // 2)
-        sp_ok = p_mask
-        if DY < 0:
-            sp_ok = sp_ok & (oy >= -DY)
-        if DY > 0:
-            sp_ok = sp_ok & (oy < H - DY)
-        if DX < 0:
-            sp_ok = sp_ok & (ox >= -DX)
-        if DX > 0:
-            sp_ok = sp_ok & (ox < W - DX)
-        sp = x_base + (DY * W + DX)
-        for c0 in range(0, C, BLOCK_K):
-            c_ok = offs_k < C - c0
-            a_off = (sp + c0 * HW)[:, None] + a_cols
-            a_mask = sp_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
-            if GATE:
-                gv = tl.load(gate_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
-                a = a * _dlrelu(gv, slope)
-            w_ptrs = w_ptr + (t * s_wt + (c_off + c0) * s_wc) + w_tile
-            w_mask = c_ok[:, None] & n_mask[None, :]
-            if LOWP:
-                wv = tl.load(w_ptrs, mask=w_mask, other=0.0)
-                acc += tl.dot(a.to(wv.dtype), wv)
-            else:
-                wv = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
-                acc += tl.dot(a, wv, input_precision=DOT_PREC)
+    n_cb = tl.cdiv(C, BLOCK_K)
+    # one flat runtime loop over (tap, channel block): small code, pipelined across taps
+    for r in range(0, TAPS * n_cb):
+        t = r // n_cb
+        c0 = (r - t * n_cb) * BLOCK_K
+        dy = SGN * (t // K - K // 2)
+        dx = SGN * (t % K - K // 2)
+        iy = oy + dy
+        ix = ox + dx
+        sp_ok = p_mask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+        c_ok = offs_k < C - c0
+        a_off = (x_base + (dy * W + dx + c0 * HW))[:, None] + a_cols
+        a_mask = sp_ok[:, None] & c_ok[None, :]
+        a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
+        if GATE:
+            gv = tl.load(gate_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
+            a = a * _dlrelu(gv, slope)
+        w_ptrs = w_ptr + (t * s_wt + (c_off + c0) * s_wc) + w_tile
+        w_mask = c_ok[:, None] & n_mask[None, :]
+        if LOWP:
+            wv = tl.load(w_ptrs, mask=w_mask, other=0.0)
+            acc += tl.dot(a.to(wv.dtype), wv)
+        else:
+            wv = tl.load(w_ptrs, mask=w_mask, other=0.0).to(tl.float32)
+            acc += tl.dot(a, wv, input_precision=DOT_PREC)
     return acc
 
 
@@ -307,6 +303,10 @@ def launch_conv(
         return
     BP, BN, BK = _blocks(P, N, max(C1, C2), block_sizes)
     lowp, prec = _dot_mode(x1.dtype)
+    # the interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest even): stage in fp32 there
+    staged = [(y, torch.empty(y.shape, dtype=torch.float32, device=y.device)) if _stage(y) else (y, y)
+              for y in (y1, y2)]
+    y1, y2 = (tmp for _, tmp in staged)
     dummy = y1
     grid = (triton.cdiv(P, BP), triton.cdiv(N, BN))
     with _device_ctx(x1):
@@ -325,6 +325,13 @@ def launch_conv(
             LOWP=lowp, DOT_PREC=prec, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK,
             num_warps=4,
         )
+    for y, tmp in staged:
+        if tmp is not y:
+            y.copy_(tmp)
+
+
+def _stage(y: torch.Tensor | None) -> bool:
+    return y is not None and y.dtype == torch.bfloat16 and _interpreting()
 
 
 def _wgrad_split(P: int, tiles: int, BP: int, device: torch.device, split: int | None) -> int:

@@ -1,13 +1,13 @@
 """matnet's numeric ops. Each has a plain-torch reference in `matnet.ops.reference`."""
 
 from . import reference
+from .masked_conv import masked_conv2d
 from .reference import (
     discretized_logistic_mixture_nll,
     discretized_logistic_nll,
     gaussian_sample_kl,
-    masked_conv2d,
-    residual_conv_block,
 )
+from .residual import residual_conv_block
 
 __all__ = [
     "reference",

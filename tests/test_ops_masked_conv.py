@@ -1,0 +1,360 @@
+"""matnet.ops.masked_conv2d: the Triton kernels (interpreter on CPU, native on CUDA), the registered
+op and its backward, causality, validation and dispatch, all against the plain-torch reference."""
+
+import os
+
+import pytest
+import torch
+
+from matnet.ops import reference
+from matnet.ops.masked_conv import masked_conv2d
+
+try:
+    from matnet.kernels import masked_conv as K
+except ImportError:  # no triton: the kernel tests skip, the op tests still run
+    K = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+# (B, Cx, Cc, Co, H, W, k, mask_type, bias)
+CASES = {
+    "k3_A_cond_bias": (3, 5, 3, 7, 7, 7, 3, "A", True),
+    "k3_B_plain": (3, 5, 0, 7, 5, 6, 3, "B", False),
+    "k5_A_cond": (2, 3, 2, 6, 5, 6, 5, "A", True),  # the first layer of the AR decoder
+    "k5_B_cond": (2, 4, 2, 5, 5, 5, 5, "B", False),
+    "k1_B_cond": (3, 5, 3, 7, 5, 6, 1, "B", True),
+    "k1_A_cond": (2, 3, 2, 4, 3, 3, 1, "A", True),  # x has no tap at all: only cond and bias
+}
+PARAMS = [(c, torch.float32) for c in CASES] + [
+    ("k3_A_cond_bias", torch.float16), ("k5_A_cond", torch.float16), ("k3_A_cond_bias", torch.bfloat16)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: intra-op threads only spin against each other on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _devices():
+    return [
+        pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET or K is None,
+                                                     reason="CPU kernel tests need TRITON_INTERPRET=1 and triton")),
+        pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA or K is None, reason="needs a CUDA GPU")),
+    ]
+
+
+def make_inputs(case, dtype=torch.float64, device="cpu", seed=0):
+    """fp64 master inputs (weights scaled by 1/sqrt(fan_in)) rounded through `dtype`."""
+    B, Cx, Cc, Co, H, W, k, mask_type, bias = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+    x = rnd(B, Cx, H, W)
+    cond = rnd(B, Cc, H, W) if Cc else None
+    weight = rnd(Co, Cx + Cc, k, k, scale=(k * k * (Cx + Cc)) ** -0.5)
+    b = rnd(Co, scale=0.5) if bias else None
+    grad = rnd(B, Co, H, W)
+    return dict(x=x, weight=weight, bias=b, cond=cond), mask_type, grad
+
+
+def reference_with_grads(inputs, mask_type, grad, dtype):
+    t = {k: None if v is None else v.to(dtype).detach().requires_grad_() for k, v in inputs.items()}
+    y = reference.masked_conv2d(t["x"], t["weight"], t["bias"], mask_type, t["cond"])
+    y.backward(grad.to(dtype))
+    return y.detach(), {k: v.grad for k, v in t.items() if v is not None}
+
+
+def assert_vs_truth(name, got, ref, truth, factor=2.0):
+    """Flash-attention-style check: |got - truth| <= factor * |ref - truth| + 2 ulp at the output's
+    scale, where ref is the reference in got's precision and truth its fp64 value."""
+    floor = 2 * torch.finfo(got.dtype).eps * max(1.0, truth.abs().max().item())
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (ref.double() - truth).abs().max().item()
+    assert err <= factor * ref_err + floor, (
+        f"{name}: max error {err:.3g} vs the reference's own {ref_err:.3g} in this precision (floor {floor:.3g})")
+
+
+def run_kernels(inputs, mask_type, grad, dtype, device, **kw):
+    t = {k: None if v is None else v.to(dtype).to(device) for k, v in inputs.items()}
+    y = K.masked_conv2d_fwd(t["x"], t["weight"], t["bias"], mask_type, t["cond"],
+                            block_sizes=kw.get("block_sizes"))
+    gx, gw, gb, gcond = K.masked_conv2d_bwd(grad.to(dtype).to(device), t["x"], t["weight"], mask_type, t["cond"],
+                                            **kw)
+    return y, dict(x=gx, weight=gw, bias=gb, cond=gcond)
+
+
+def check_against_reference(case, dtype, device, **kw):
+    inputs, mask_type, grad = make_inputs(case, dtype, device)
+    y, grads = run_kernels(inputs, mask_type, grad, dtype, device, **kw)
+    truth_y, truth_grads = reference_with_grads(inputs, mask_type, grad, torch.float64)
+    ref_y, ref_grads = reference_with_grads(inputs, mask_type, grad, dtype)
+    assert y.dtype == dtype and y.shape == truth_y.shape
+    assert_vs_truth("y", y, ref_y, truth_y)
+    for name, truth in truth_grads.items():
+        assert grads[name].shape == truth.shape, name
+        assert_vs_truth(f"grad {name}", grads[name], ref_grads[name], truth)
+    if inputs["cond"] is None:
+        assert grads["cond"] is None
+
+
+def masked_taps(k, mask_type, cx, shape, device="cpu"):
+    """Boolean [Co, Cx + Cc, k, k]: True where the weight is masked out."""
+    m = torch.zeros(shape, dtype=torch.bool, device=device)
+    m[:, :cx] = reference.causal_mask(k, mask_type, device=device) == 0
+    return m
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernels, called directly
+# ---------------------------------------------------------------------------------------------
+
+
+def test_causal_taps_is_the_mask_prefix():
+    for k in (1, 3, 5, 7):
+        for mt in "AB":
+            flat = reference.causal_mask(k, mt).flatten()
+            t = K.causal_taps(k, mt) if K is not None else int(flat.sum())
+            assert flat[:t].eq(1).all() and flat[t:].eq(0).all() and int(flat.sum()) == t
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("case,dtype", PARAMS, ids=lambda v: str(v).replace("torch.", ""))
+def test_kernels_match_reference(case, dtype, device):
+    check_against_reference(CASES[case], dtype, device)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_kernels_many_tiles(device):
+    """Small blocks: several pixel tiles, channel tiles on every axis, a split weight gradient
+    (3 pixel blocks over 2 splits)."""
+    check_against_reference((2, 17, 3, 9, 4, 5, 3, "B", True), torch.float32, device,
+                            block_sizes=(16, 16, 16), wgrad_split=2)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("k,mask_type", [(3, "A"), (3, "B"), (5, "A"), (5, "B")])
+def test_kernels_never_read_masked_weights(k, mask_type, device):
+    """NaN on the masked taps must not reach the output or grad x: those taps are never visited;
+    grad weight is exactly zero there."""
+    inputs, _, grad = make_inputs((2, 3, 2, 4, 4, 5, k, mask_type, True), torch.float32, device)
+    masked = masked_taps(k, mask_type, 3, inputs["weight"].shape, device)
+    clean = dict(inputs, weight=inputs["weight"].masked_fill(masked, 0.0))
+    poisoned = dict(inputs, weight=inputs["weight"].masked_fill(masked, float("nan")))
+    y, grads = run_kernels(poisoned, mask_type, grad, torch.float32, device)
+    ref_y, ref_grads = reference_with_grads(clean, mask_type, grad, torch.float64)
+    torch.testing.assert_close(y.double(), ref_y, atol=1e-5, rtol=1e-5)
+    for name in ("x", "cond", "bias"):
+        torch.testing.assert_close(grads[name].double(), ref_grads[name], atol=1e-4, rtol=1e-5, msg=name)
+    assert (grads["weight"][masked] == 0).all()
+    assert (grads["weight"][:, 3:] != 0).all()  # the cond taps are all live
+    torch.testing.assert_close(grads["weight"].double(), ref_grads["weight"], atol=1e-4, rtol=1e-5)
+
+
+def _causality_batch(x, mask_type, seed=1):
+    """[1 + H*W, C, H, W]: x, then for each pixel j a copy of x with every pixel at raster position
+    >= j ('A') or > j ('B') replaced by noise."""
+    _, C, H, W = x.shape
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.arange(H * W).view(H, W)
+    out = [x]
+    for j in range(H * W):
+        future = (pos >= j) if mask_type == "A" else (pos > j)
+        noise = torch.randn(1, C, H, W, generator=g, dtype=x.dtype).to(x.device) * 3
+        out.append(torch.where(future.to(x.device), noise, x))
+    return torch.cat(out)
+
+
+def _assert_causal(y, H, W):
+    """Output at pixel j of the j-th perturbed copy equals the unperturbed output at pixel j."""
+    base = y[0].flatten(1)  # [Co, H*W]
+    got = torch.stack([y[1 + j].flatten(1)[:, j] for j in range(H * W)], dim=1)
+    torch.testing.assert_close(got, base, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("k,mask_type", [(3, "A"), (3, "B"), (5, "A"), (5, "B")])
+def test_kernel_output_is_causal(k, mask_type, device):
+    H, W = 4, 5
+    inputs, _, _ = make_inputs((1, 2, 2, 3, H, W, k, mask_type, True), torch.float32)
+    x = _causality_batch(inputs["x"], mask_type)
+    cond = inputs["cond"].expand(x.shape[0], -1, -1, -1).contiguous()  # cond is unrestricted, kept fixed
+    y = K.masked_conv2d_fwd(x.to(device), inputs["weight"].to(device), inputs["bias"].to(device), mask_type,
+                            cond.to(device))
+    _assert_causal(y.cpu(), H, W)
+
+
+@pytest.mark.parametrize("k,mask_type", [(3, "A"), (3, "B"), (5, "A"), (5, "B")])
+def test_op_output_is_causal(k, mask_type):
+    """The public op (reference path on CPU): same property, plus it really depends on pixel j for 'B'."""
+    H, W = 4, 5
+    inputs, _, _ = make_inputs((1, 2, 0, 3, H, W, k, mask_type, True), torch.float32)
+    x = _causality_batch(inputs["x"], mask_type)
+    y = masked_conv2d(x, inputs["weight"], inputs["bias"], mask_type)
+    _assert_causal(y, H, W)
+    if mask_type == "B":
+        j = 7
+        x2 = inputs["x"].clone()
+        x2[..., j // W, j % W] += 1.0
+        y2 = masked_conv2d(x2, inputs["weight"], inputs["bias"], mask_type)
+        assert not torch.allclose(y2[..., j // W, j % W], y[0, :, j // W, j % W])
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered op
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaf(inputs, dtype=torch.float64, device="cpu"):
+    return {k: None if v is None else v.to(dtype).to(device).detach().requires_grad_() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("case", [(2, 2, 2, 3, 3, 3, 3, "A", True), (2, 2, 0, 2, 3, 4, 3, "B", False),
+                                  (2, 2, 1, 2, 2, 3, 1, "B", True)], ids=["k3_A_cond_bias", "k3_B", "k1_B_cond"])
+def test_op_gradcheck_fp64(case):
+    inputs, mask_type, _ = make_inputs(case)
+    t = _leaf(inputs)
+    args = [t["x"], t["weight"], t["bias"], t["cond"]]
+    assert torch.autograd.gradcheck(lambda x, w, b, c: masked_conv2d(x, w, b, mask_type, c), args)
+
+
+def test_op_grad_weight_zero_on_masked_taps():
+    inputs, mask_type, grad = make_inputs(CASES["k5_A_cond"], torch.float32)
+    t = _leaf(inputs, torch.float32)
+    masked_conv2d(t["x"], t["weight"], t["bias"], mask_type, t["cond"]).backward(grad.float())
+    masked = masked_taps(5, mask_type, 3, t["weight"].shape)
+    assert (t["weight"].grad[masked] == 0).all() and (t["weight"].grad[~masked] != 0).all()
+
+
+def test_op_backward_is_explicit_and_right_on_cpu():
+    inputs, mask_type, grad = make_inputs(CASES["k3_A_cond_bias"], torch.float32)
+    t = _leaf(inputs, torch.float32)
+    y = masked_conv2d(t["x"], t["weight"], t["bias"], mask_type, t["cond"])
+    y.backward(grad.float())
+    ref_y, ref_grads = reference_with_grads(inputs, mask_type, grad, torch.float32)
+    torch.testing.assert_close(y.detach(), ref_y)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(t[name].grad, g, msg=name)
+
+
+def test_opcheck():
+    inputs, _, _ = make_inputs((2, 2, 2, 3, 3, 4, 3, "A", True))
+    t = _leaf(inputs)
+    torch.library.opcheck(torch.ops.matnet.masked_conv2d.default, (t["x"], t["weight"], t["bias"], "A", t["cond"]))
+    torch.library.opcheck(torch.ops.matnet.masked_conv2d.default, (t["x"], t["weight"][:, :2], None, "B", None))
+    g = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.matnet.masked_conv2d_backward.default,
+                          (g, t["x"].detach(), t["weight"].detach(), "A", t["cond"].detach()))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_op_matches_reference(case, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 on both sides
+    inputs, mask_type, grad = make_inputs(CASES[case], dtype, "cuda")
+    t = _leaf(inputs, dtype, "cuda")
+    y = masked_conv2d(t["x"], t["weight"], t["bias"], mask_type, t["cond"])
+    y.backward(grad)
+    truth_y, truth_grads = reference_with_grads(inputs, mask_type, grad, torch.float64)
+    ref_y, ref_grads = reference_with_grads(inputs, mask_type, grad, dtype)
+    assert_vs_truth("y", y.detach(), ref_y, truth_y)
+    for name, truth in truth_grads.items():
+        assert_vs_truth(f"grad {name}", t[name].grad, ref_grads[name], truth)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_compile_inductor():
+    inputs, mask_type, _ = make_inputs(CASES["k5_A_cond"], torch.float32, "cuda")
+    t = _leaf(inputs, torch.float32, "cuda")
+    args = [t["x"], t["weight"], t["bias"], t["cond"]]
+
+    def f(x, w, b, c):
+        return torch.nn.functional.leaky_relu(masked_conv2d(x, w, b, mask_type, c), 0.1).square().sum()
+
+    got = torch.compile(f, fullgraph=True)(*args)
+    got_grads = torch.autograd.grad(got, args)
+    want = f(*args)
+    want_grads = torch.autograd.grad(want, args)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation, dispatch, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _valid():
+    inputs, mask_type, _ = make_inputs((2, 3, 2, 4, 5, 5, 3, "A", True), torch.float32)
+    inputs["mask_type"] = mask_type
+    return inputs
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (lambda d: d.update(mask_type="C"), ValueError, "mask_type must be 'A' or 'B', got 'C'"),
+    (lambda d: d.update(x=d["x"][0]), ValueError, "x must be a 4-D tensor"),
+    (lambda d: d.update(cond=d["cond"][:, :1]), ValueError, "weight has 5 input channels but x has 3 and cond 1"),
+    (lambda d: d.update(cond=None), ValueError, "weight has 5 input channels but x has 3 and cond 0"),
+    (lambda d: d.update(cond=d["cond"][..., :3]), ValueError, "cond has shape"),
+    (lambda d: d.update(weight=d["weight"][..., :2, :2]), ValueError, "odd square kernel, got 2x2"),
+    (lambda d: d.update(weight=d["weight"][..., :1]), ValueError, "odd square kernel, got 3x1"),
+    (lambda d: d.update(bias=d["bias"][:3]), ValueError, r"bias has shape \[3\], expected \[4\]"),
+    (lambda d: d.update(weight=d["weight"].half()), TypeError, "weight has dtype torch.float16"),
+    (lambda d: d.update(cond=d["cond"].to("meta")), ValueError, "cond is on meta"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_validation(change, err, match):
+    d = _valid()
+    change(d)
+    with pytest.raises(err, match=match):
+        masked_conv2d(d["x"], d["weight"], d["bias"], d["mask_type"], d["cond"])
+
+
+def test_force_reference(monkeypatch):
+    calls = []
+    real = reference.masked_conv2d
+    monkeypatch.setattr(reference, "masked_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = _valid()
+    args = (d["x"], d["weight"], d["bias"], d["mask_type"], d["cond"])
+    monkeypatch.setenv("MATNET_FORCE_REFERENCE", "0")
+    fast = masked_conv2d(*args)
+    assert calls == []
+    monkeypatch.setenv("MATNET_FORCE_REFERENCE", "1")
+    ref = masked_conv2d(*args)
+    assert calls == [1]
+    torch.testing.assert_close(fast, ref)
+
+
+def test_torch_compile_fullgraph():
+    d = _valid()
+    t = _leaf({k: d[k] for k in ("x", "weight", "bias", "cond")}, torch.float32)
+    w2 = (torch.randn(3, 6, 3, 3) / 6).requires_grad_()
+    args = [t["x"], t["weight"], t["bias"], t["cond"], w2]
+
+    def f(x, w, b, c, w2):  # an 'A' layer, then a 'B' layer without bias, both reading cond
+        h = torch.nn.functional.leaky_relu(masked_conv2d(x, w, b, "A", c), 0.1)
+        return masked_conv2d(h, w2, None, "B", c).square().sum()
+
+    want = f(*args)
+    grads = torch.autograd.grad(want, args)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    got_grads = torch.autograd.grad(got, args)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_torch_compile_inductor_forward():
+    d = _valid()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        f = torch.compile(lambda x, c: masked_conv2d(x, d["weight"], d["bias"], "B", c) * 2, fullgraph=True)
+        torch.testing.assert_close(f(d["x"], d["cond"]),
+                                   reference.masked_conv2d(d["x"], d["weight"], d["bias"], "B", d["cond"]) * 2)

@@ -1,0 +1,328 @@
+"""matnet.ops.residual_conv_block: the Triton kernels (interpreter on CPU, native on CUDA), the
+registered op and its backward, validation and dispatch, all against the plain-torch reference."""
+
+import os
+
+import pytest
+import torch
+
+from matnet.ops import reference
+from matnet.ops.residual import residual_conv_block
+
+try:
+    from matnet.kernels import residual_conv as K
+except ImportError:  # no triton: the kernel tests skip, the op tests still run
+    K = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+
+# (B, C, E, M, H, W, k, bias): odd shapes, with/without extra and bias, 3x3 and 1x1, an FC state
+CASES = {
+    "k3_extra": (3, 5, 3, 7, 7, 7, 3, True),
+    "k3_noextra_nobias": (3, 5, 0, 7, 5, 6, 3, False),
+    "k1_extra": (3, 5, 3, 7, 5, 6, 1, True),
+    "fc_1x1": (4, 6, 0, 9, 1, 1, 1, True),
+}
+# every case in fp32; low precision on a subset (interpreter time)
+PARAMS = [(c, torch.float32) for c in CASES] + [
+    ("k3_extra", torch.float16), ("k1_extra", torch.float16), ("k3_extra", torch.bfloat16)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: intra-op threads only spin against each other on a shared machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _devices():
+    return [
+        pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET or K is None,
+                                                     reason="CPU kernel tests need TRITON_INTERPRET=1 and triton")),
+        pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA or K is None, reason="needs a CUDA GPU")),
+    ]
+
+
+def make_inputs(case, dtype=torch.float64, device="cpu", seed=0):
+    """fp64 master inputs of a case (weights scaled by 1/sqrt(fan_in)), rounded through `dtype`
+    so the fp64 truth and the low-precision runs see the same values."""
+    B, C, E, M, H, W, k, bias = case
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+        return t.to(dtype).to(device)
+
+    h = rnd(B, C, H, W)
+    extra = rnd(B, E, H, W) if E else None
+    w1 = rnd(M, C + E, k, k, scale=(k * k * (C + E)) ** -0.5)
+    w2 = rnd(C, M, k, k, scale=(k * k * M) ** -0.5)
+    b1 = rnd(M, scale=0.5) if bias else None
+    b2 = rnd(C, scale=0.5) if bias else None
+    grad = rnd(B, C, H, W)
+    return dict(h=h, w1=w1, b1=b1, w2=w2, b2=b2, extra=extra), grad
+
+
+NAMES = ("h", "w1", "b1", "w2", "b2", "extra")
+
+
+def reference_with_grads(inputs, grad, dtype, slope=0.1):
+    """out and {name: grad} of the reference's autograd in `dtype`."""
+    x = {k: None if v is None else v.to(dtype).detach().requires_grad_() for k, v in inputs.items()}
+    out = reference.residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"], slope)
+    out.backward(grad.to(dtype))
+    return out.detach(), {k: x[k].grad for k in NAMES if x[k] is not None}
+
+
+def assert_vs_truth(name, got, ref, truth, factor=2.0):
+    """Flash-attention-style check: |got - truth| <= factor * |ref - truth| + 2 ulp at the output's
+    scale, where ref is the reference in got's precision and truth its fp64 value."""
+    floor = 2 * torch.finfo(got.dtype).eps * max(1.0, truth.abs().max().item())
+    err = (got.double() - truth).abs().max().item()
+    ref_err = (ref.double() - truth).abs().max().item()
+    assert err <= factor * ref_err + floor, (
+        f"{name}: max error {err:.3g} vs the reference's own {ref_err:.3g} in this precision (floor {floor:.3g})")
+
+
+def run_kernels(inputs, grad, dtype, device, slope=0.1, **kw):
+    x = {k: None if v is None else v.to(dtype).to(device) for k, v in inputs.items()}
+    out, a1 = K.residual_conv_block_fwd(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"], slope,
+                                        block_sizes=kw.get("block_sizes"))
+    gh, gextra, gw1, gb1, gw2, gb2 = K.residual_conv_block_bwd(
+        grad.to(dtype).to(device), x["h"], x["extra"], x["w1"], x["w2"], out, a1, slope, **kw)
+    grads = dict(h=gh, w1=gw1, b1=gb1, w2=gw2, b2=gb2, extra=gextra)
+    return out, a1, grads
+
+
+def check_against_reference(case, dtype, device, **kw):
+    inputs, grad = make_inputs(case, dtype, device)
+    out, a1, grads = run_kernels(inputs, grad, dtype, device, **kw)
+    truth_out, truth_grads = reference_with_grads(inputs, grad, torch.float64)
+    if dtype == torch.float64:
+        ref_out, ref_grads = truth_out, truth_grads
+    else:
+        ref_out, ref_grads = reference_with_grads(inputs, grad, dtype)
+    assert out.dtype == dtype and out.shape == truth_out.shape
+    assert_vs_truth("out", out, ref_out, truth_out)
+    for name, truth in truth_grads.items():
+        assert grads[name].shape == truth.shape, name
+        assert_vs_truth(f"grad {name}", grads[name], ref_grads[name], truth)
+    if inputs["extra"] is None:
+        assert grads["extra"] is None
+    return a1
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernels, called directly (CPU tensors under the interpreter, or CUDA tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("case,dtype", PARAMS, ids=lambda v: str(v).replace("torch.", ""))
+def test_kernels_match_reference(case, dtype, device):
+    a1 = check_against_reference(CASES[case], dtype, device)
+    inputs, _ = make_inputs(CASES[case], dtype, device)
+    inp = inputs["h"] if inputs["extra"] is None else torch.cat([inputs["h"], inputs["extra"]], 1)
+    k = inputs["w1"].shape[-1]
+    a1_ref = torch.nn.functional.leaky_relu(
+        torch.nn.functional.conv2d(inp.double(), inputs["w1"].double(),
+                                   None if inputs["b1"] is None else inputs["b1"].double(), padding=k // 2), 0.1)
+    torch.testing.assert_close(a1.double(), a1_ref, atol=2e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_kernels_many_tiles(device):
+    """Small blocks: several pixel tiles, channel tiles on every axis, batch straddling tiles, and a
+    split weight-gradient reduction (3 pixel blocks over 2 splits: 2 blocks each, the last partly empty)."""
+    check_against_reference((2, 17, 2, 9, 4, 5, 3, True), torch.float32, device,
+                            block_sizes=(16, 16, 16), wgrad_split=2)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_kernels_mixed_kernel_sizes_and_slope(device):
+    """w1 and w2 may have different odd sizes; slope 0 (ReLU) also has its derivative read off signs."""
+    inputs, grad = make_inputs((2, 3, 2, 4, 5, 5, 3, True), torch.float32, device)
+    inputs["w2"] = torch.randn(3, 4, 1, 1, dtype=torch.float64).to(device) * 0.5
+    for slope in (0.0, 0.3):
+        out, _, grads = run_kernels(inputs, grad, torch.float32, device, slope=slope)
+        ref_out, ref_grads = reference_with_grads(inputs, grad, torch.float64, slope)
+        torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name].double(), g, atol=1e-4, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registered op: CPU (reference math, explicit backward) and CUDA (Triton)
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaf(inputs, dtype=torch.float64, device="cpu"):
+    return {k: None if v is None else v.to(dtype).to(device).detach().requires_grad_() for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("case", [(2, 2, 1, 2, 3, 3, 3, True), (2, 3, 0, 2, 3, 2, 1, False)],
+                         ids=["k3_extra_bias", "k1_plain"])
+def test_op_gradcheck_fp64(case):
+    x = _leaf(make_inputs(case)[0])
+    args = [x[k] for k in ("h", "w1", "b1", "w2", "b2", "extra")]
+    assert torch.autograd.gradcheck(lambda *a: residual_conv_block(*a), args)
+
+
+def test_op_backward_is_explicit_and_right_on_cpu():
+    """The CPU backward op gives the reference autograd gradients (fp32, bigger shape)."""
+    inputs, grad = make_inputs(CASES["k3_extra"], torch.float32)
+    x = _leaf(inputs, torch.float32)
+    out = residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"])
+    out.backward(grad.float())
+    ref_out, ref_grads = reference_with_grads(inputs, grad, torch.float32)
+    torch.testing.assert_close(out.detach(), ref_out)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(x[name].grad, g, msg=name)
+
+
+def test_opcheck():
+    x = _leaf(make_inputs((2, 2, 1, 3, 3, 4, 3, True))[0])
+    torch.library.opcheck(torch.ops.matnet.residual_conv_block.default,
+                          (x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"], 0.1))
+    y = _leaf(make_inputs((2, 2, 0, 3, 3, 3, 1, False))[0])
+    torch.library.opcheck(torch.ops.matnet.residual_conv_block.default,
+                          (y["h"], y["w1"], None, y["w2"], None, None, 0.2))
+    out, a1 = torch.ops.matnet.residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"], 0.1)
+    g = torch.randn_like(out)
+    d = {k: v.detach() for k, v in x.items()}
+    torch.library.opcheck(torch.ops.matnet.residual_conv_block_backward.default,
+                          (g, d["h"], d["extra"], d["w1"], d["w2"], out.detach(), a1.detach(), 0.1))
+
+
+def test_op_returns_saved_activation():
+    x = _leaf(make_inputs((2, 2, 1, 3, 3, 4, 3, True))[0])
+    out, a1 = torch.ops.matnet.residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"], 0.1)
+    assert out.requires_grad and not a1.requires_grad
+    torch.testing.assert_close(out, reference.residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"],
+                                                                  x["extra"]))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["k3_extra", "k3_noextra_nobias", "k1_extra", "fc_1x1"])
+def test_cuda_op_matches_reference(case, dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # exact fp32 on both sides
+    inputs, grad = make_inputs(CASES[case], dtype, "cuda")
+    x = _leaf(inputs, dtype, "cuda")
+    out = residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"])
+    out.backward(grad)
+    truth_out, truth_grads = reference_with_grads(inputs, grad, torch.float64)
+    ref_out, ref_grads = reference_with_grads(inputs, grad, dtype)
+    assert_vs_truth("out", out.detach(), ref_out, truth_out)
+    for name, truth in truth_grads.items():
+        assert_vs_truth(f"grad {name}", x[name].grad, ref_grads[name], truth)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    inputs, grad = make_inputs((8, 32, 16, 32, 12, 12, 3, True), torch.float32, "cuda")
+    out, _, grads = run_kernels(inputs, grad, torch.float32, "cuda")
+    truth_out, truth_grads = reference_with_grads(inputs, grad, torch.float64)
+    for name, got, truth in [("out", out, truth_out)] + [(n, grads[n], g) for n, g in truth_grads.items()]:
+        err = (got.double() - truth).abs().max().item()
+        assert err <= 5e-3 * truth.abs().max().item(), name
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_compile_inductor():
+    x = _leaf(make_inputs(CASES["k3_extra"])[0], torch.float32, "cuda")
+
+    def f(h, w1, b1, w2, b2, extra):
+        return (residual_conv_block(h, w1, b1, w2, b2, extra) * 2).sum()
+
+    args = [x[k] for k in ("h", "w1", "b1", "w2", "b2", "extra")]
+    got = torch.compile(f, fullgraph=True)(*args)
+    got.backward()
+    g1 = [a.grad.clone() for a in args]
+    for a in args:
+        a.grad = None
+    want = f(*args)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, g in zip(args, g1):
+        torch.testing.assert_close(g, a.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation, dispatch, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+
+def _valid():
+    inputs, _ = make_inputs((2, 3, 2, 4, 5, 5, 3, True), torch.float32)
+    return inputs
+
+
+@pytest.mark.parametrize("change,err,match", [
+    (lambda d: d.update(h=d["h"][0]), ValueError, "h must be a 4-D tensor"),
+    (lambda d: d.update(w2=d["w2"].flatten(1)), ValueError, "w2 must be a 4-D tensor"),
+    (lambda d: d.update(extra=d["extra"][:, :1]), ValueError, "w1 has 5 input channels but h has 3 and extra 1"),
+    (lambda d: d.update(extra=None), ValueError, "w1 has 5 input channels"),
+    (lambda d: d.update(extra=d["extra"][:1]), ValueError, "extra has shape"),
+    (lambda d: d.update(extra=d["extra"][..., :4]), ValueError, "extra has shape"),
+    (lambda d: d.update(w2=d["w2"][:, :3]), ValueError, r"w2 has shape \[3, 3, 3, 3\], expected \[3, 4, k, k\]"),
+    (lambda d: d.update(w1=d["w1"][..., :2, :2], w2=d["w2"][..., :2, :2]), ValueError, "odd square kernel"),
+    (lambda d: d.update(w2=d["w2"][..., :1]), ValueError, "odd square kernel, got 3x1"),
+    (lambda d: d.update(b1=d["b1"][:2]), ValueError, r"b1 has shape \[2\], expected \[4\]"),
+    (lambda d: d.update(b2=d["b2"].double()), TypeError, "b2 has dtype torch.float64"),
+    (lambda d: d.update(w1=d["w1"].to("meta")), ValueError, "w1 is on meta"),
+    (lambda d: d.update(h=d["h"].long()), TypeError, "floating-point"),
+    (lambda d: d.update(slope=-0.1), ValueError, "slope must be a number >= 0"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_validation(change, err, match):
+    d = _valid()
+    d["slope"] = 0.1
+    change(d)
+    with pytest.raises(err, match=match):
+        residual_conv_block(d["h"], d["w1"], d["b1"], d["w2"], d["b2"], d["extra"], d["slope"])
+
+
+def test_force_reference(monkeypatch):
+    calls = []
+    real = reference.residual_conv_block
+    monkeypatch.setattr(reference, "residual_conv_block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    d = _valid()
+    args = (d["h"], d["w1"], d["b1"], d["w2"], d["b2"], d["extra"])
+    monkeypatch.setenv("MATNET_FORCE_REFERENCE", "0")
+    fast = residual_conv_block(*args)
+    assert calls == []
+    monkeypatch.setenv("MATNET_FORCE_REFERENCE", "1")
+    ref = residual_conv_block(*args)
+    assert calls == [1]
+    torch.testing.assert_close(fast, ref)
+
+
+def test_torch_compile_fullgraph():
+    x = _leaf(make_inputs((2, 3, 2, 4, 5, 5, 3, True))[0], torch.float32)
+    args = [x[k] for k in ("h", "w1", "b1", "w2", "b2", "extra")]
+
+    def f(h, w1, b1, w2, b2, extra):
+        return residual_conv_block(h, w1, b1, w2, b2, extra, 0.2).square().sum()
+
+    want = f(*args)
+    grads = torch.autograd.grad(want, args)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*args)
+    got_grads = torch.autograd.grad(got, args)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_torch_compile_inductor_forward():
+    d = _valid()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        f = torch.compile(lambda h, e: residual_conv_block(h, d["w1"], d["b1"], d["w2"], d["b2"], e) + 1,
+                          fullgraph=True)
+        torch.testing.assert_close(f(d["h"], d["extra"]), reference.residual_conv_block(
+            d["h"], d["w1"], d["b1"], d["w2"], d["b2"], d["extra"]) + 1)
