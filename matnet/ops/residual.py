@@ -11,7 +11,6 @@ backward is its own op, `matnet::residual_conv_block_backward`, so both trace un
 
 import torch
 import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
 
 from . import reference
 from ._dispatch import force_reference, triton_available
@@ -21,11 +20,6 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype in _TRITON_DTYPES and triton_available()
-
-
-def _dlrelu(v: torch.Tensor, slope: float) -> torch.Tensor:
-    # lrelu'(a) from a or lrelu(a): same sign when slope >= 0
-    return torch.where(v > 0, 1.0, slope).to(v.dtype)
 
 
 @torch.library.custom_op("matnet::residual_conv_block", mutates_args=())
@@ -72,17 +66,22 @@ def _residual_conv_block_backward_op(
         gh, gextra, gw1, gb1, gw2, gb2 = residual_conv_block_bwd(grad_out, h, extra, w1, w2, out, a1, slope)
         return gh, (h.new_empty(0) if gextra is None else gextra), gw1, gb1, gw2, gb2
     # explicit formulas (not autograd): the registered backward is checked by gradcheck on CPU
-    p1, p2 = w1.shape[-1] // 2, w2.shape[-1] // 2
     inp = h if extra is None else torch.cat([h, extra], dim=1)
-    g2 = grad_out * _dlrelu(out, slope)
-    g1 = conv2d_input(a1.shape, w2, g2, padding=p2) * _dlrelu(a1, slope)
-    ginp = conv2d_input(inp.shape, w1, g1, padding=p1)
+    g2 = torch.where(out > 0, grad_out, grad_out * slope)  # lrelu'(out) fused into one pass
+    ga1, gw2, gb2 = _conv_backward(g2, a1, w2)
+    g1 = torch.where(a1 > 0, ga1, ga1 * slope)
+    ginp, gw1, gb1 = _conv_backward(g1, inp, w1)
     C = h.shape[1]
     gh = ginp[:, :C] + g2
     gextra = h.new_empty(0) if extra is None else ginp[:, C:].contiguous()
-    gw1 = conv2d_weight(inp, w1.shape, g1, padding=p1)
-    gw2 = conv2d_weight(a1, w2.shape, g2, padding=p2)
-    return gh, gextra, gw1, g1.sum((0, 2, 3)), gw2, g2.sum((0, 2, 3))
+    return gh, gextra, gw1, gb1, gw2, gb2
+
+
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """(grad_x, grad_w, grad_b) of a stride-1 'same' conv in one call, as autograd's own backward does."""
+    p = w.shape[-1] // 2
+    return torch.ops.aten.convolution_backward(
+        grad, x, w, [w.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1, [True, True, True])
 
 
 @_residual_conv_block_backward_op.register_fake
