@@ -50,13 +50,12 @@ std::tuple<at::Tensor, at::Tensor> gaussian_sample_kl_fwd(const at::Tensor& mu_q
   check_cuda(op, mu_q);
   check_elementwise(op, mu_q, {logvar_q, mu_p, logvar_p, eps});
   c10::DeviceGuard guard(mu_q.device());
-  const auto a = mu_q.contiguous(), b = logvar_q.contiguous(), c = mu_p.contiguous(), d = logvar_p.contiguous(),
-             e = eps.contiguous();
+  const auto a = mu_q.contiguous(), b = logvar_q.contiguous(), c = mu_p.contiguous(),
+             d = logvar_p.contiguous(), e = eps.contiguous();
   auto z = at::empty_like(a), kl = at::empty_like(a);
-  raise_if(cuda_launch::gaussian_sample_kl_fwd(dtype_of(a), a.const_data_ptr(), b.const_data_ptr(),
-                                               c.const_data_ptr(), d.const_data_ptr(), e.const_data_ptr(),
-                                               z.mutable_data_ptr(), kl.mutable_data_ptr(), a.numel(),
-                                               current_stream(a)),
+  raise_if(cuda_launch::gaussian_sample_kl_fwd(
+               dtype_of(a), a.const_data_ptr(), b.const_data_ptr(), c.const_data_ptr(), d.const_data_ptr(),
+               e.const_data_ptr(), z.mutable_data_ptr(), kl.mutable_data_ptr(), a.numel(), current_stream(a)),
            op);
   return {z, kl};
 }
@@ -68,8 +67,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   check_cuda(op, mu_q);
   check_elementwise(op, mu_q, {grad_z, grad_kl, logvar_q, mu_p, logvar_p, eps});
   c10::DeviceGuard guard(mu_q.device());
-  const auto gz = grad_z.contiguous(), gk = grad_kl.contiguous(), a = mu_q.contiguous(), b = logvar_q.contiguous(),
-             c = mu_p.contiguous(), d = logvar_p.contiguous(), e = eps.contiguous();
+  const auto gz = grad_z.contiguous(), gk = grad_kl.contiguous(), a = mu_q.contiguous(),
+             b = logvar_q.contiguous(), c = mu_p.contiguous(), d = logvar_p.contiguous(),
+             e = eps.contiguous();
   auto g0 = at::empty_like(a), g1 = at::empty_like(a), g2 = at::empty_like(a), g3 = at::empty_like(a),
        g4 = at::empty_like(a);
   raise_if(cuda_launch::gaussian_sample_kl_bwd(
@@ -111,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, con
 }
 
 std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
-                                                         const at::Tensor& means, const at::Tensor& log_scales,
+                                                         const at::Tensor& means,
+                                                         const at::Tensor& log_scales,
                                                          const at::Tensor& coeffs) {
   const char* op = "dlogistic_mix_nll_fwd";
   check_cuda(op, x);
@@ -121,10 +122,10 @@ std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, co
              sc = log_scales.contiguous(), cc = coeffs.contiguous();
   const auto acc = x.options().dtype(lse_dtype(x.scalar_type()));
   auto pix = at::empty({B, H * W}, acc), lse = at::empty({B, H, W}, acc);
-  raise_if(cuda_launch::dlogistic_mix_nll_fwd(dtype_of(xc), xc.const_data_ptr(), lc.const_data_ptr(),
-                                              mc.const_data_ptr(), sc.const_data_ptr(), cc.const_data_ptr(),
-                                              pix.mutable_data_ptr(), lse.mutable_data_ptr(), B,
-                                              static_cast<int>(K), static_cast<int>(C), H * W, current_stream(xc)),
+  raise_if(cuda_launch::dlogistic_mix_nll_fwd(
+               dtype_of(xc), xc.const_data_ptr(), lc.const_data_ptr(), mc.const_data_ptr(),
+               sc.const_data_ptr(), cc.const_data_ptr(), pix.mutable_data_ptr(), lse.mutable_data_ptr(), B,
+               static_cast<int>(K), static_cast<int>(C), H * W, current_stream(xc)),
            op);
   return {pix.sum(1).to(x.scalar_type()), lse};
 }
@@ -142,16 +143,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd
                   lse.device() == x.device(),
               op, ": lse must be [B, H, W] of dtype ", lse_dtype(x.scalar_type()), " on x's device");
   c10::DeviceGuard guard(x.device());
-  const auto gc = grad.contiguous(), xc = x.contiguous(), lc = logit_probs.contiguous(), mc = means.contiguous(),
-             sc = log_scales.contiguous(), cc = coeffs.contiguous(), ec = lse.contiguous();
+  const auto gc = grad.contiguous(), xc = x.contiguous(), lc = logit_probs.contiguous(),
+             mc = means.contiguous(), sc = log_scales.contiguous(), cc = coeffs.contiguous(),
+             ec = lse.contiguous();
   auto g_logit = at::empty_like(lc), g_means = at::empty_like(mc), g_ls = at::empty_like(sc),
        g_coeffs = at::empty_like(cc);
-  raise_if(cuda_launch::dlogistic_mix_nll_bwd(
-               dtype_of(xc), gc.const_data_ptr(), xc.const_data_ptr(), lc.const_data_ptr(), mc.const_data_ptr(),
-               sc.const_data_ptr(), cc.const_data_ptr(), ec.const_data_ptr(), g_logit.mutable_data_ptr(),
-               g_means.mutable_data_ptr(), g_ls.mutable_data_ptr(), g_coeffs.mutable_data_ptr(), B,
-               static_cast<int>(K), static_cast<int>(C), H * W, current_stream(xc)),
-           op);
+  raise_if(
+      cuda_launch::dlogistic_mix_nll_bwd(
+          dtype_of(xc), gc.const_data_ptr(), xc.const_data_ptr(), lc.const_data_ptr(), mc.const_data_ptr(),
+          sc.const_data_ptr(), cc.const_data_ptr(), ec.const_data_ptr(), g_logit.mutable_data_ptr(),
+          g_means.mutable_data_ptr(), g_ls.mutable_data_ptr(), g_coeffs.mutable_data_ptr(), B,
+          static_cast<int>(K), static_cast<int>(C), H * W, current_stream(xc)),
+      op);
   return {g_logit, g_means, g_ls, g_coeffs};
 }
 

@@ -57,29 +57,32 @@ const char* last_error() {
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
-#define MATNET_GRID_STRIDE(i, n) \
+#define MATNET_GRID_STRIDE(i, n)                                                         \
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 template <typename S>
-__global__ void gaussian_fwd_kernel(const S* __restrict__ mu_q, const S* __restrict__ lq, const S* __restrict__ mu_p,
-                                    const S* __restrict__ lp, const S* __restrict__ eps, S* __restrict__ z,
-                                    S* __restrict__ kl, int64_t n) {
+__global__ void gaussian_fwd_kernel(const S* __restrict__ mu_q, const S* __restrict__ lq,
+                                    const S* __restrict__ mu_p, const S* __restrict__ lp,
+                                    const S* __restrict__ eps, S* __restrict__ z, S* __restrict__ kl,
+                                    int64_t n) {
   using T = typename Acc<S>::type;
   MATNET_GRID_STRIDE(i, n) {
     T zi, ki;
-    math::gaussian_sample_kl_fwd<T>(to_acc<T>(mu_q[i]), to_acc<T>(lq[i]), to_acc<T>(mu_p[i]), to_acc<T>(lp[i]),
-                                    to_acc<T>(eps[i]), zi, ki);
+    math::gaussian_sample_kl_fwd<T>(to_acc<T>(mu_q[i]), to_acc<T>(lq[i]), to_acc<T>(mu_p[i]),
+                                    to_acc<T>(lp[i]), to_acc<T>(eps[i]), zi, ki);
     z[i] = from_acc<S>(zi);
     kl[i] = from_acc<S>(ki);
   }
 }
 
 template <typename S>
-__global__ void gaussian_bwd_kernel(const S* __restrict__ gz, const S* __restrict__ gk, const S* __restrict__ mu_q,
-                                    const S* __restrict__ lq, const S* __restrict__ mu_p, const S* __restrict__ lp,
+__global__ void gaussian_bwd_kernel(const S* __restrict__ gz, const S* __restrict__ gk,
+                                    const S* __restrict__ mu_q, const S* __restrict__ lq,
+                                    const S* __restrict__ mu_p, const S* __restrict__ lp,
                                     const S* __restrict__ eps, S* __restrict__ g_mu_q, S* __restrict__ g_lq,
-                                    S* __restrict__ g_mu_p, S* __restrict__ g_lp, S* __restrict__ g_eps, int64_t n) {
+                                    S* __restrict__ g_mu_p, S* __restrict__ g_lp, S* __restrict__ g_eps,
+                                    int64_t n) {
   using T = typename Acc<S>::type;
   MATNET_GRID_STRIDE(i, n) {
     T a, b, c, d, e;
@@ -94,21 +97,23 @@ __global__ void gaussian_bwd_kernel(const S* __restrict__ gz, const S* __restric
 }
 
 template <typename S>
-__global__ void dlogistic_fwd_kernel(const S* __restrict__ x, const S* __restrict__ mean, const S* __restrict__ ls,
-                                     S* __restrict__ out, int64_t n) {
+__global__ void dlogistic_fwd_kernel(const S* __restrict__ x, const S* __restrict__ mean,
+                                     const S* __restrict__ ls, S* __restrict__ out, int64_t n) {
   using T = typename Acc<S>::type;
   MATNET_GRID_STRIDE(i, n) {
-    out[i] = from_acc<S>(-math::log_bin_prob<T, false>(to_acc<T>(x[i]), to_acc<T>(mean[i]), to_acc<T>(ls[i])).logp);
+    out[i] = from_acc<S>(
+        -math::log_bin_prob<T, false>(to_acc<T>(x[i]), to_acc<T>(mean[i]), to_acc<T>(ls[i])).logp);
   }
 }
 
 template <typename S>
-__global__ void dlogistic_bwd_kernel(const S* __restrict__ grad, const S* __restrict__ x, const S* __restrict__ mean,
-                                     const S* __restrict__ ls, S* __restrict__ g_mean, S* __restrict__ g_ls,
-                                     int64_t n) {
+__global__ void dlogistic_bwd_kernel(const S* __restrict__ grad, const S* __restrict__ x,
+                                     const S* __restrict__ mean, const S* __restrict__ ls,
+                                     S* __restrict__ g_mean, S* __restrict__ g_ls, int64_t n) {
   using T = typename Acc<S>::type;
   MATNET_GRID_STRIDE(i, n) {
-    const math::BinTerms<T> t = math::log_bin_prob<T, true>(to_acc<T>(x[i]), to_acc<T>(mean[i]), to_acc<T>(ls[i]));
+    const math::BinTerms<T> t =
+        math::log_bin_prob<T, true>(to_acc<T>(x[i]), to_acc<T>(mean[i]), to_acc<T>(ls[i]));
     const T g = to_acc<T>(grad[i]);
     g_mean[i] = from_acc<S>(-g * t.d_mean);  // nll = -L
     g_ls[i] = from_acc<S>(-g * t.d_lscale);
@@ -116,28 +121,29 @@ __global__ void dlogistic_bwd_kernel(const S* __restrict__ grad, const S* __rest
 }
 
 template <typename S, int CT>
-__global__ void mix_fwd_kernel(const S* __restrict__ x, const S* __restrict__ logit, const S* __restrict__ means,
-                               const S* __restrict__ ls, const S* __restrict__ coeffs,
-                               typename Acc<S>::type* __restrict__ pix_nll, typename Acc<S>::type* __restrict__ lse,
-                               int64_t B, int K, int C, int64_t hw) {
+__global__ void mix_fwd_kernel(const S* __restrict__ x, const S* __restrict__ logit,
+                               const S* __restrict__ means, const S* __restrict__ ls,
+                               const S* __restrict__ coeffs, typename Acc<S>::type* __restrict__ pix_nll,
+                               typename Acc<S>::type* __restrict__ lse, int64_t B, int K, int C, int64_t hw) {
   using T = typename Acc<S>::type;
   const int64_t P = C * (C - 1) / 2;
   MATNET_GRID_STRIDE(i, B * hw) {
     const int64_t b = i / hw, p = i % hw;
     const int64_t mo = b * K * C * hw + p;
     T l;
-    pix_nll[i] = math::mixture_pixel_fwd<T, CT>(x + b * C * hw + p, logit + b * K * hw + p, means + mo, ls + mo,
-                                                coeffs + b * K * P * hw + p, K, C, hw, l);
+    pix_nll[i] = math::mixture_pixel_fwd<T, CT>(x + b * C * hw + p, logit + b * K * hw + p, means + mo,
+                                                ls + mo, coeffs + b * K * P * hw + p, K, C, hw, l);
     lse[i] = l;
   }
 }
 
 template <typename S, int CT>
-__global__ void mix_bwd_kernel(const S* __restrict__ grad, const S* __restrict__ x, const S* __restrict__ logit,
-                               const S* __restrict__ means, const S* __restrict__ ls, const S* __restrict__ coeffs,
+__global__ void mix_bwd_kernel(const S* __restrict__ grad, const S* __restrict__ x,
+                               const S* __restrict__ logit, const S* __restrict__ means,
+                               const S* __restrict__ ls, const S* __restrict__ coeffs,
                                const typename Acc<S>::type* __restrict__ lse, S* __restrict__ g_logit,
-                               S* __restrict__ g_means, S* __restrict__ g_ls, S* __restrict__ g_coeffs, int64_t B,
-                               int K, int C, int64_t hw) {
+                               S* __restrict__ g_means, S* __restrict__ g_ls, S* __restrict__ g_coeffs,
+                               int64_t B, int K, int C, int64_t hw) {
   using T = typename Acc<S>::type;
   const int64_t P = C * (C - 1) / 2;
   MATNET_GRID_STRIDE(i, B * hw) {
@@ -194,9 +200,9 @@ const char* gaussian_sample_kl_fwd(DType dt, const void* mu_q, const void* logva
 }
 
 const char* gaussian_sample_kl_bwd(DType dt, const void* grad_z, const void* grad_kl, const void* mu_q,
-                                   const void* logvar_q, const void* mu_p, const void* logvar_p, const void* eps,
-                                   void* g_mu_q, void* g_logvar_q, void* g_mu_p, void* g_logvar_p, void* g_eps,
-                                   int64_t n, void* stream) {
+                                   const void* logvar_q, const void* mu_p, const void* logvar_p,
+                                   const void* eps, void* g_mu_q, void* g_logvar_q, void* g_mu_p,
+                                   void* g_logvar_p, void* g_eps, int64_t n, void* stream) {
   if (n == 0) return nullptr;
   return dispatch(dt, [&](auto s) {
     using S = decltype(s);
@@ -216,8 +222,9 @@ const char* dlogistic_nll_fwd(DType dt, const void* x, const void* mean, const v
   });
 }
 
-const char* dlogistic_nll_bwd(DType dt, const void* grad, const void* x, const void* mean, const void* log_scale,
-                              void* g_mean, void* g_log_scale, int64_t n, void* stream) {
+const char* dlogistic_nll_bwd(DType dt, const void* grad, const void* x, const void* mean,
+                              const void* log_scale, void* g_mean, void* g_log_scale, int64_t n,
+                              void* stream) {
   if (n == 0) return nullptr;
   return dispatch(dt, [&](auto s) {
     using S = decltype(s);
@@ -227,8 +234,8 @@ const char* dlogistic_nll_bwd(DType dt, const void* grad, const void* x, const v
 }
 
 const char* dlogistic_mix_nll_fwd(DType dt, const void* x, const void* logit_probs, const void* means,
-                                  const void* log_scales, const void* coeffs, void* pix_nll, void* lse, int64_t B,
-                                  int K, int C, int64_t hw, void* stream) {
+                                  const void* log_scales, const void* coeffs, void* pix_nll, void* lse,
+                                  int64_t B, int K, int C, int64_t hw, void* stream) {
   const int64_t n = B * hw;
   if (n == 0) return nullptr;
   return dispatch(dt, [&](auto s) {
@@ -236,9 +243,9 @@ const char* dlogistic_mix_nll_fwd(DType dt, const void* x, const void* logit_pro
     using T = typename Acc<S>::type;
     const auto cs = static_cast<cudaStream_t>(stream);
     const auto args = [&](auto kernel) {
-      kernel<<<blocks_for(n), kThreads, 0, cs>>>(cp<S>(x), cp<S>(logit_probs), cp<S>(means), cp<S>(log_scales),
-                                                 cp<S>(coeffs), static_cast<T*>(pix_nll), static_cast<T*>(lse), B, K,
-                                                 C, hw);
+      kernel<<<blocks_for(n), kThreads, 0, cs>>>(cp<S>(x), cp<S>(logit_probs), cp<S>(means),
+                                                 cp<S>(log_scales), cp<S>(coeffs), static_cast<T*>(pix_nll),
+                                                 static_cast<T*>(lse), B, K, C, hw);
     };
     if (C == 3) {
       args(mix_fwd_kernel<S, 3>);
@@ -251,9 +258,9 @@ const char* dlogistic_mix_nll_fwd(DType dt, const void* x, const void* logit_pro
 }
 
 const char* dlogistic_mix_nll_bwd(DType dt, const void* grad, const void* x, const void* logit_probs,
-                                  const void* means, const void* log_scales, const void* coeffs, const void* lse,
-                                  void* g_logit_probs, void* g_means, void* g_log_scales, void* g_coeffs,
-                                  int64_t B, int K, int C, int64_t hw, void* stream) {
+                                  const void* means, const void* log_scales, const void* coeffs,
+                                  const void* lse, void* g_logit_probs, void* g_means, void* g_log_scales,
+                                  void* g_coeffs, int64_t B, int K, int C, int64_t hw, void* stream) {
   const int64_t n = B * hw;
   if (n == 0) return nullptr;
   return dispatch(dt, [&](auto s) {

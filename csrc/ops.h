@@ -14,8 +14,9 @@ namespace matnet {
 // Argument checks shared by every backend (the Python wrappers check first, with friendlier messages).
 void check_elementwise(const char* op, const at::Tensor& ref, std::initializer_list<at::Tensor> others);
 // Returns {B, K, C, H, W}.
-std::array<int64_t, 5> check_mixture(const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,
-                                     const at::Tensor& log_scales, const at::Tensor& coeffs);
+std::array<int64_t, 5> check_mixture(const at::Tensor& x, const at::Tensor& logit_probs,
+                                     const at::Tensor& means, const at::Tensor& log_scales,
+                                     const at::Tensor& coeffs);
 // dtype of the saved per-pixel log-sum-exp: fp32 for fp16/bf16 inputs (it feeds exp() in the backward).
 at::ScalarType lse_dtype(at::ScalarType t);
 
@@ -30,7 +31,8 @@ at::Tensor dlogistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const 
 std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& mean, const at::Tensor& log_scale);
 std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
-                                                         const at::Tensor& means, const at::Tensor& log_scales,
+                                                         const at::Tensor& means,
+                                                         const at::Tensor& log_scales,
                                                          const at::Tensor& coeffs);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,
@@ -49,7 +51,8 @@ at::Tensor dlogistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const 
 std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& mean, const at::Tensor& log_scale);
 std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
-                                                         const at::Tensor& means, const at::Tensor& log_scales,
+                                                         const at::Tensor& means,
+                                                         const at::Tensor& log_scales,
                                                          const at::Tensor& coeffs);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,

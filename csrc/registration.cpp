@@ -20,15 +20,17 @@ void check_meta(const char* op, const at::Tensor& ref, std::initializer_list<at:
   for (const at::Tensor& t : others) {
     TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": dtypes differ (", t.scalar_type(), " vs ",
                 ref.scalar_type(), ")");
-    TORCH_CHECK(t.sym_sizes() == ref.sym_sizes(), op, ": shapes differ (", t.sym_sizes(), " vs ", ref.sym_sizes(),
-                ")");
+    TORCH_CHECK(t.sym_sizes() == ref.sym_sizes(), op, ": shapes differ (", t.sym_sizes(), " vs ",
+                ref.sym_sizes(), ")");
   }
 }
 
 at::Tensor empty_like_sym(const at::Tensor& t) { return at::empty_symint(t.sym_sizes(), t.options()); }
 
-std::tuple<at::Tensor, at::Tensor> gaussian_sample_kl_fwd_meta(const at::Tensor& mu_q, const at::Tensor& logvar_q,
-                                                               const at::Tensor& mu_p, const at::Tensor& logvar_p,
+std::tuple<at::Tensor, at::Tensor> gaussian_sample_kl_fwd_meta(const at::Tensor& mu_q,
+                                                               const at::Tensor& logvar_q,
+                                                               const at::Tensor& mu_p,
+                                                               const at::Tensor& logvar_p,
                                                                const at::Tensor& eps) {
   check_meta("gaussian_sample_kl_fwd", mu_q, {logvar_q, mu_p, logvar_p, eps});
   return {empty_like_sym(mu_q), empty_like_sym(mu_q)};
@@ -48,13 +50,16 @@ at::Tensor dlogistic_nll_fwd_meta(const at::Tensor& x, const at::Tensor& mean, c
 }
 
 std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd_meta(const at::Tensor& grad, const at::Tensor& x,
-                                                          const at::Tensor& mean, const at::Tensor& log_scale) {
+                                                          const at::Tensor& mean,
+                                                          const at::Tensor& log_scale) {
   check_meta("dlogistic_nll_bwd", x, {grad, mean, log_scale});
   return {empty_like_sym(x), empty_like_sym(x)};
 }
 
-std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd_meta(const at::Tensor& x, const at::Tensor& logit_probs,
-                                                              const at::Tensor& means, const at::Tensor& log_scales,
+std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd_meta(const at::Tensor& x,
+                                                              const at::Tensor& logit_probs,
+                                                              const at::Tensor& means,
+                                                              const at::Tensor& log_scales,
                                                               const at::Tensor& coeffs) {
   TORCH_CHECK(x.dim() == 4 && logit_probs.dim() == 4 && means.dim() == 5 && log_scales.dim() == 5 &&
                   coeffs.dim() == 5,
@@ -67,7 +72,8 @@ std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd_meta(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd_meta(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,
     const at::Tensor& log_scales, const at::Tensor& coeffs, const at::Tensor& lse) {
-  return {empty_like_sym(logit_probs), empty_like_sym(means), empty_like_sym(log_scales), empty_like_sym(coeffs)};
+  return {empty_like_sym(logit_probs), empty_like_sym(means), empty_like_sym(log_scales),
+          empty_like_sym(coeffs)};
 }
 
 }  // namespace

@@ -115,7 +115,9 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _launch_params(n: int, t: torch.Tensor) -> tuple[int, dict]:
+def _launch_params(n: int, t: torch.Tensor, block_size: int | None) -> tuple[int, dict]:
+    if block_size is not None:
+        return block_size, {}
     if _interpreting(t):
         return min(max(triton.next_power_of_2(n), 16), _INTERPRETER_MAX_BLOCK), {}
     return _GPU_BLOCK, {"num_warps": _GPU_WARPS}
@@ -127,15 +129,17 @@ def _acc_dtype(dtype: torch.dtype):
 
 def gaussian_sample_kl_forward(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor, eps: torch.Tensor,
+    block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, kl), each of the inputs' shape and dtype. Inputs: one shape, dtype and device (unchecked)."""
+    """(z, kl), each of the inputs' shape and dtype. Inputs: one shape, dtype and device (unchecked).
+    block_size (a power of 2) overrides the default, e.g. to test several programs on a small tensor."""
     args = [t.contiguous() for t in (mu_q, logvar_q, mu_p, logvar_p, eps)]
     z = torch.empty_like(args[0])
     kl = torch.empty_like(args[0])
     n = z.numel()
     if n == 0:
         return z, kl
-    block, opts = _launch_params(n, z)
+    block, opts = _launch_params(n, z, block_size)
     with _device_ctx(z):
         _gaussian_sample_kl_fwd_kernel[(triton.cdiv(n, block),)](
             *args, z, kl, n, ACC=_acc_dtype(z.dtype), BLOCK=block, **opts,
@@ -145,7 +149,7 @@ def gaussian_sample_kl_forward(
 
 def gaussian_sample_kl_backward(
     grad_z: torch.Tensor, grad_kl: torch.Tensor, mu_q: torch.Tensor, logvar_q: torch.Tensor,
-    mu_p: torch.Tensor, logvar_p: torch.Tensor, eps: torch.Tensor,
+    mu_p: torch.Tensor, logvar_p: torch.Tensor, eps: torch.Tensor, block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients wrt (mu_q, logvar_q, mu_p, logvar_p, eps); all tensors one shape, dtype and device."""
     args = [t.contiguous() for t in (grad_z, grad_kl, mu_q, logvar_q, mu_p, logvar_p, eps)]
@@ -153,7 +157,7 @@ def gaussian_sample_kl_backward(
     n = args[2].numel()
     if n == 0:
         return tuple(grads)
-    block, opts = _launch_params(n, args[2])
+    block, opts = _launch_params(n, args[2], block_size)
     with _device_ctx(args[2]):
         _gaussian_sample_kl_bwd_kernel[(triton.cdiv(n, block),)](
             *args, *grads, n, ACC=_acc_dtype(args[2].dtype), BLOCK=block, **opts,

@@ -1,12 +1,9 @@
 """matnet's numeric ops. Each has a plain-torch reference in `matnet.ops.reference`."""
 
 from . import reference
+from .gaussian import gaussian_sample_kl
+from .likelihood import discretized_logistic_mixture_nll, discretized_logistic_nll
 from .masked_conv import masked_conv2d
-from .reference import (
-    discretized_logistic_mixture_nll,
-    discretized_logistic_nll,
-    gaussian_sample_kl,
-)
 from .residual import residual_conv_block
 
 __all__ = [

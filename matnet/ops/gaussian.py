@@ -65,9 +65,7 @@ def _gaussian_sample_kl_op(
 
 @_gaussian_sample_kl_op.register_fake
 def _(mu_q, logvar_q, mu_p, logvar_p, eps):
-    return torch.empty_like(mu_q, memory_format=torch.contiguous_format), torch.empty_like(
-        mu_q, memory_format=torch.contiguous_format
-    )
+    return tuple(torch.empty_like(mu_q, memory_format=torch.contiguous_format) for _ in range(2))
 
 
 @torch.library.custom_op("matnet::gaussian_sample_kl_backward", mutates_args=())

@@ -55,9 +55,7 @@ def _bin_grads(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor):
     lo = x < -reference.EDGE
     hi = x > reference.EDGE
     d_mean = torch.where(lo, -inv_s * sig_neg_a, torch.where(hi, inv_s * sig_b, -inv_s * (sig_neg_a - sig_b)))
-    d_ls = torch.where(
-        lo, -a * sig_neg_a, torch.where(hi, b * sig_b, -(a * sig_neg_a - b * sig_b + u_over_expm1))
-    )
+    d_ls = torch.where(lo, -a * sig_neg_a, torch.where(hi, b * sig_b, -(a * sig_neg_a - b * sig_b + u_over_expm1)))
     return d_mean, d_ls
 
 
@@ -267,4 +265,3 @@ def discretized_logistic_mixture_nll(
     if _dispatch.force_reference():
         return reference.discretized_logistic_mixture_nll(x, logit_probs, means, log_scales, coeffs)
     return _dlogistic_mix_nll_op(x, logit_probs, means, log_scales, coeffs)[0]
-
