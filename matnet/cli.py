@@ -83,7 +83,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     torch.manual_seed(a.seed)
     model = load_model(a.checkpoint, pick_device(a.device), fast=a.fast)
     x = model.sample(a.n, temperature=a.temperature, mean=a.mean)
-    save_image_grid(x, a.out)
+    save_image_grid(x, a.out, signed=not model.dist.binary)
     print(f"wrote {a.n} samples to {a.out}")
     return 0
 

@@ -54,6 +54,18 @@ class MatNetConfig:
         self.validate()
 
     def validate(self) -> None:
+        for name in ("image_channels", "image_size", "channels", "z_channels", "nz0", "fc_width", "n_mixtures",
+                     "batch_size", "fc_modules"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stem_downsample", "ar_layers", "steps", "kl_warmup_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr_decay_start", "lr_final"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise ValueError(f"ema_rate must lie in [0, 1), got {self.ema_rate}")
         if self.likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
         if self.likelihood == "bernoulli" and self.ar_layers and self.image_channels != 1:
@@ -116,7 +128,7 @@ class MatNetConfig:
     def preset(cls, name: str, **overrides: Any) -> MatNetConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -121,6 +121,8 @@ class MatNet(UsesOps, nn.Module):
         p = next(self.parameters())
         if x.device != p.device:
             raise ValueError(f"x is on {x.device} but the model is on {p.device}")
+        if x.dtype != p.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {p.dtype}")
         if x.device.type == "cpu" and x.numel() and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(x)
             rng = (0.0, 1.0) if self.dist.binary else (-1.0, 1.0)
@@ -152,7 +154,8 @@ class MatNet(UsesOps, nn.Module):
         if trace.log_ratio is not None:
             log_q = -0.5 * (reference.LOG_2PI + logvar_q + eps**2)
             log_p = reference.gaussian_log_prob(z, mu_p, logvar_p)
-            trace.log_ratio = trace.log_ratio + (log_q - log_p).flatten(1).sum(1)
+            # summed over every latent dimension: accumulate in fp32 even for half-precision models
+            trace.log_ratio = trace.log_ratio + (log_q - log_p).flatten(1).float().sum(1)
         return z
 
     def top_down(self, bu: list[list[torch.Tensor]], trace: _Trace) -> torch.Tensor:
@@ -228,7 +231,7 @@ class MatNet(UsesOps, nn.Module):
             x_c = x.repeat(c, 1, 1, 1)
             trace = _Trace(True)
             h = self.top_down(bu_c, trace)
-            log_w = -(self.dist.nll(x_c, self.output_params(h, x_c)) + trace.log_ratio)
+            log_w = -(self.dist.nll(x_c, self.output_params(h, x_c)).float() + trace.log_ratio)
             lse = torch.logsumexp(log_w.double().view(c, B), dim=0)
             total = torch.logaddexp(total, lse)
             done += c
@@ -236,22 +239,27 @@ class MatNet(UsesOps, nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, mean: bool = False) -> torch.Tensor:
-        """n images [n, C, H, W] in data space. mean=True returns E[x | z] (or the mode for the
-        logistic likelihoods) instead of a draw, as is customary for displaying binary data."""
+        """n images [n, C, H, W] in data space. mean=True returns E[x | z] (the mode for the logistic
+        likelihoods) instead of a draw, as is customary for displaying binary data; with the AR decoder,
+        8-bit images are then decoded greedily and binary ones show each pixel's mean given drawn pixels."""
         h = self.generate_features(n, temperature)
         pick = self.dist.mean if mean else self.dist.sample
         if self.ar is None:
             return pick(self.output_params(h, None))
         cfg = self.cfg
         x = torch.zeros(n, cfg.image_channels, cfg.image_size, cfg.image_size, device=h.device, dtype=h.dtype)
+        # binary means are probabilities, not data: the loop then conditions on draws and only shows means
+        shown = torch.zeros_like(x) if mean and self.dist.binary else x
         base = self.out(h)
         reach = max(c.weight.shape[-1] for c in self.ar.convs) // 2  # rows of `h` that row i reads below it
         for i in range(cfg.image_size):  # raster order: pixel (i, j) sees only pixels before it
             r = min(cfg.image_size, i + 1 + reach)  # rows past r cannot reach row i: crop for speed
             for j in range(cfg.image_size):
                 params = base[:, :, :r] + self.ar(x[:, :, :r], h[:, :, :r])
-                x[:, :, i, j] = pick(params)[:, :, i, j]
-        return x
+                shown[:, :, i, j] = pick(params)[:, :, i, j]
+                if shown is not x:
+                    x[:, :, i, j] = self.dist.sample(params)[:, :, i, j]
+        return shown
 
     def kl_groups(self) -> list[tuple[str, int]]:
         """(name, number of stochastic modules) per meta module, top-down, z0 first (for Fig. 4)."""

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 
-def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """[N, C, H, W] in data space ({0,1}/[0,1] or [-1,1]) -> uint8 [rows*H, cols*W, 3] grid."""
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, signed: bool | None = None) -> np.ndarray:
+    """[N, C, H, W] in data space -> uint8 [rows*H, cols*W, 3] grid. signed: data in [-1, 1] (8-bit data)
+    rather than [0, 1] (binary data); None guesses from the values."""
     x = images.detach().float().cpu()
-    if x.min() < 0:
+    if signed if signed is not None else bool(x.min() < 0):
         x = (x + 1) / 2
     x = x.clamp(0, 1)
     if x.shape[1] == 1:
@@ -30,9 +31,9 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> n
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    scale: int = 2) -> None:
+                    scale: int = 2, signed: bool | None = None) -> None:
     """Save a PNG grid, upscaled `scale` times with nearest-neighbour so small images stay crisp."""
-    img = Image.fromarray(image_grid(images, nrow))
+    img = Image.fromarray(image_grid(images, nrow, signed=signed))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +73,7 @@ def plot_kl_per_module(rows: list[dict], groups: list[tuple[str, int]], path: st
     kl = np.array([r["kl_per_module"] for r in rows]).T  # [modules, T]
     cum = np.vstack([np.zeros_like(steps, dtype=float), np.cumsum(kl, axis=0)])
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     i = 0
     for g, (name, count) in enumerate(groups):
         for m in range(count):
@@ -86,7 +87,7 @@ def plot_kl_per_module(rows: list[dict], groups: list[tuple[str, int]], path: st
     ax.set_title(title)
     ax.set_xlim(steps[0], steps[-1])
     ax.set_ylim(0, None)
-    ax.legend(title="meta module (top-down)", loc="upper left", fontsize=8)
+    ax.legend(title="meta module\n(top-down)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

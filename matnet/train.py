@@ -124,17 +124,26 @@ class Trainer:
     """Owns the model, optimizer, EMA copy, data stream and run directory."""
 
     def __init__(self, cfg: MatNetConfig, opts: TrainOptions):
-        self.cfg, self.opts = cfg, opts
+        self.opts = opts
         self.out = Path(opts.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.device = pick_device(opts.device)
-        self.total = opts.steps or cfg.steps
+        self.ckpt_path = self.out / "checkpoint.pt"
+        resume = load_checkpoint(self.ckpt_path) if opts.resume and self.ckpt_path.exists() else None
+        if resume is not None:  # the run's own config wins: everything below is built from it
+            saved = MatNetConfig.from_dict(resume["config"])
+            if saved.to_dict() != cfg.to_dict():
+                log.warning("resuming %s: using the checkpoint's config, not the one given", self.ckpt_path)
+            cfg = saved
+        self.cfg = cfg
+        # an explicit --steps may lengthen or shorten a resumed run; otherwise its own schedule holds
+        self.total = opts.steps or (resume or {}).get("total_steps") or cfg.steps
         torch.manual_seed(opts.seed)
         kw = dict(seed=opts.seed, val_size=opts.val_size, image_size=cfg.image_size)
         self.train_data = load_dataset(cfg.dataset, "train", opts.data_dir, **kw)
-        self.val_data = load_dataset(cfg.dataset, "val", opts.data_dir, **kw)
+        self.val_data = load_dataset(cfg.dataset, "val", opts.data_dir, **kw) if opts.val_size != 0 else None
         shape = self.train_data.shape
         want = (cfg.image_channels, cfg.image_size, cfg.image_size)
         if tuple(shape) != want:
@@ -153,10 +162,18 @@ class Trainer:
         self.loader = BatchLoader(self.train_data, cfg.batch_size, shuffle=True, seed=opts.seed, device=self.device)
         self.step = 0
         self.skipped = 0
-        self.ckpt_path = self.out / "checkpoint.pt"
-        if opts.resume and self.ckpt_path.exists():
-            self.load(self.ckpt_path)
+        if resume is not None:
+            self.load_state(resume)
+        self._trim_metrics()
         (self.out / "config.json").write_text(self.cfg.to_json())
+
+    def _trim_metrics(self) -> None:
+        """A fresh run starts a fresh log; a resumed one drops rows logged after its checkpoint."""
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [r for r in plots.read_metrics(path) if r.get("step", 0) <= self.step] if self.step else []
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     # ---- checkpointing ----
     def state(self) -> dict:
@@ -175,20 +192,15 @@ class Trainer:
     def save(self) -> None:
         save_checkpoint(self.ckpt_path, self.state())
 
-    def load(self, path: Path) -> None:
-        st = load_checkpoint(path, map_location=self.device)
-        saved = MatNetConfig.from_dict(st["config"])
-        if saved.to_dict() != self.cfg.to_dict():
-            log.warning("resuming %s: using the checkpoint's config", path)
-            self.cfg = saved
+    def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
-        if self.ema is not None and st.get("ema") is not None:
-            self.ema.load_state_dict(st["ema"])
-        self.opt.load_state_dict(st["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
+        self.opt.load_state_dict(st["optimizer"])  # moves the moments to the parameters' device
         self.step, self.skipped = st["step"], st.get("skipped", 0)
         self.loader.load_state_dict(st["loader"])
-        set_rng_state(st["rng"])
-        log.info("resumed from %s at step %d", path, self.step)
+        set_rng_state(st["rng"])  # RNG states stay CPU byte tensors: the checkpoint is loaded on CPU
+        log.info("resumed from %s at step %d", self.ckpt_path, self.step)
 
     # ---- one update ----
     def train_step(self, x: torch.Tensor) -> dict:
@@ -263,6 +275,8 @@ class Trainer:
 
     def validate(self, iwae_k: int) -> dict:
         o = self.opts
+        if self.val_data is None:
+            return {}
         res = evaluate(self.eval_model(), self.val_data, o.eval_images, iwae_k, o.iwae_images,
                        device=self.device)
         row = {"split": "val", "step": self.step, "val_elbo": res["elbo"],
@@ -278,7 +292,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.opts.seed)
             x = self.eval_model().sample(n, mean=self.eval_model().dist.binary)
-        plots.save_image_grid(x, path)
+        plots.save_image_grid(x, path, signed=not self.eval_model().dist.binary)
 
     def save_plots(self) -> None:
         rows = plots.read_metrics(self.out / "metrics.jsonl")

@@ -196,3 +196,22 @@ def test_few_hundred_steps_on_real_mnist_lower_the_loss(tmp_path, mnist_dir):
     rows = [r["loss"] for r in plots.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
     assert np.mean(rows[-5:]) < np.mean(rows[:5]) - 100
     assert after < before - 200 and after < 250, (before, after)
+
+
+def test_fresh_run_restarts_the_metrics_log(tmp_path, fake_mnist):
+    Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=2, eval_every=0)).run()
+    Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=2, eval_every=0, resume=False)).run()
+    steps = [r["step"] for r in plots.read_metrics(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2]
+
+
+def test_resume_keeps_the_runs_own_config_and_schedule(tmp_path, fake_mnist):
+    Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=6)).run(until=3)
+    tr = Trainer(_tiny(channels=4), _opts(tmp_path, fake_mnist, steps=None))
+    assert tr.cfg.channels == 8 and tr.total == 6 and tr.step == 3
+
+
+def test_unknown_config_override_is_a_value_error():
+    with pytest.raises(ValueError, match="bogus"):
+        matnet.MatNetConfig.preset("tiny", bogus=1)
+    assert cli.main(["train", "--preset", "tiny", "--set", "bogus=1"]) == 2

@@ -36,6 +36,7 @@ def extension_loaded() -> bool:
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")
+        importlib.import_module("matnet.kernels")  # absent when running from a tree that was never installed
         return True
     except Exception as e:
         log.warning("triton not available (%s); using reference paths on CUDA", e)
