@@ -103,8 +103,10 @@ def plot_nll(rows: list[dict], path: str | os.PathLike, unit: str = "nats") -> N
     for key, style in (("val_elbo", "o-"), ("val_iwae", "s-")):
         ev = [r for r in rows if key in r]
         if ev:
-            k = ev[-1].get("iwae_k")
-            label = f"val IWAE (k={k})" if key == "val_iwae" else "val -ELBO"
+            last = ev[-1]
+            n = last.get("iwae_images" if key == "val_iwae" else "elbo_images")
+            label = f"val IWAE (k={last.get('iwae_k')}" if key == "val_iwae" else "val -ELBO ("
+            label += f"{', ' if key == 'val_iwae' else ''}{n} images)" if n else ")"
             ax.plot([r["step"] for r in ev], [r[key] for r in ev], style, ms=3, label=label)
     vals = [r[k] for r in rows for k in ("val_elbo", "val_iwae") if k in r]
     if vals:  # focus the y-range on the evaluated values, not the first noisy steps

@@ -280,6 +280,7 @@ class Trainer:
         res = evaluate(self.eval_model(), self.val_data, o.eval_images, iwae_k, o.iwae_images,
                        device=self.device)
         row = {"split": "val", "step": self.step, "val_elbo": res["elbo"],
+               "elbo_images": min(o.eval_images, len(self.val_data)),
                "val_kl_per_module": res["kl_per_module"], "time": time.time()}
         if "iwae" in res:
             row.update(val_iwae=res["iwae"], iwae_k=res["iwae_k"], iwae_images=res["iwae_images"])
