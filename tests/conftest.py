@@ -31,6 +31,15 @@ def mnist_dir() -> str:
     return os.path.join(d, "mnist")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors on a shared machine: intra-op threads mostly spin against each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -22,13 +22,7 @@ from matnet.ops import reference as ref
 BIN_CENTRES = torch.arange(256, dtype=torch.float64) * 2 / 255 - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI box is shared: with several busy processes, multi-threaded CPU kernels mostly spin
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logistic_bin_prob(x, mean, scale):

@@ -30,13 +30,7 @@ PARAMS = [(c, torch.float32) for c in CASES] + [
     ("k3_A_cond_bias", torch.float16), ("k5_A_cond", torch.float16), ("k3_A_cond_bias", torch.bfloat16)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only spin against each other on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _devices():

@@ -67,9 +67,10 @@ def _residual_conv_block_backward_op(
         return gh, (h.new_empty(0) if gextra is None else gextra), gw1, gb1, gw2, gb2
     # explicit formulas (not autograd): the registered backward is checked by gradcheck on CPU
     inp = h if extra is None else torch.cat([h, extra], dim=1)
-    g2 = torch.where(out > 0, grad_out, grad_out * slope)  # lrelu'(out) fused into one pass
+    # lrelu' read off the sign of its output (slope > 0), one fused pass each
+    g2 = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
     ga1, gw2, gb2 = _conv_backward(g2, a1, w2)
-    g1 = torch.where(a1 > 0, ga1, ga1 * slope)
+    g1 = torch.ops.aten.leaky_relu_backward(ga1, a1, slope, True)
     ginp, gw1, gb1 = _conv_backward(g1, inp, w1)
     C = h.shape[1]
     gh = ginp[:, :C] + g2
