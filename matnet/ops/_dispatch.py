@@ -48,18 +48,51 @@ def extension_has_cuda() -> bool:
         torch.ops.matnet.cuda_enabled())
 
 
-def check_same(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """Clear errors for mismatched shapes, dtypes and devices, raised before any kernel launch."""
+def check_like(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Clear errors, before any kernel launch, for inputs whose dtype or device differ from `ref`'s."""
     if not isinstance(ref, torch.Tensor):
         raise TypeError(f"{name}: expected tensors, got {type(ref).__name__}")
     if not ref.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {ref.dtype}")
+        raise TypeError(f"{name}: expected floating-point tensors, got {ref.dtype}")
     for k, t in tensors.items():
         if t is None:
             continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {k} must be a tensor or None, got {type(t).__name__}")
         if t.device != ref.device:
             raise ValueError(f"{name}: {k} is on {t.device} but the first input is on {ref.device}")
         if t.dtype != ref.dtype:
             raise TypeError(f"{name}: {k} has dtype {t.dtype} but the first input has {ref.dtype}")
-        if t.shape != ref.shape:
+
+
+def check_same(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """`check_like`, and every input must also have `ref`'s shape (elementwise ops)."""
+    check_like(name, ref, **tensors)
+    for k, t in tensors.items():
+        if t is not None and t.shape != ref.shape:
             raise ValueError(f"{name}: {k} has shape {list(t.shape)} but the first input has {list(ref.shape)}")
+
+
+def check_4d(name: str, **tensors: torch.Tensor | None) -> None:
+    for k, t in tensors.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 4):
+            got = f"shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {k} must be a 4-D tensor, got {got}")
+
+
+def check_kernel(name: str, k: str, w: torch.Tensor) -> int:
+    kh, kw = w.shape[-2:]
+    if kh != kw or kh % 2 != 1:
+        raise ValueError(f"{name}: {k} must have an odd square kernel, got {kh}x{kw}")
+    return kh
+
+
+def side_channels(name: str, main: str, x: torch.Tensor, side: str, s: torch.Tensor | None) -> int:
+    """Channels of an optional input read beside `x` (extra, cond): same batch and spatial size as x."""
+    if s is None:
+        return 0
+    B, _, H, W = x.shape
+    if s.shape[0] != B or s.shape[2:] != x.shape[2:]:
+        raise ValueError(f"{name}: {side} has shape {list(s.shape)}, expected [{B}, *, {H}, {W}] "
+                         f"to match {main} {list(x.shape)}")
+    return s.shape[1]

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from . import reference
-from ._dispatch import force_reference
-from .residual import _check_4d, _check_kernel, _check_like, _use_triton
+from ._dispatch import check_4d, check_kernel, check_like, force_reference, side_channels
+from .residual import _use_triton
 
 
 def _full_mask(weight: torch.Tensor, cx: int, mask_type: str) -> torch.Tensor:
@@ -97,19 +97,14 @@ def _validate(x, weight, bias, mask_type, cond) -> None:
     name = "masked_conv2d"
     if mask_type not in ("A", "B"):
         raise ValueError(f"{name}: mask_type must be 'A' or 'B', got {mask_type!r}")
-    _check_4d(name, x=x, weight=weight, cond=cond)
-    _check_like(name, x, weight=weight, bias=bias, cond=cond)
-    B, Cx, H, W = x.shape
-    Cc = 0
-    if cond is not None:
-        if cond.shape[0] != B or cond.shape[2:] != x.shape[2:]:
-            raise ValueError(f"{name}: cond has shape {list(cond.shape)}, expected [{B}, Cc, {H}, {W}] "
-                             f"to match x {list(x.shape)}")
-        Cc = cond.shape[1]
+    check_4d(name, x=x, weight=weight, cond=cond)
+    check_like(name, x, weight=weight, bias=bias, cond=cond)
+    Cx = x.shape[1]
+    Cc = side_channels(name, "x", x, "cond", cond)
     if weight.shape[1] != Cx + Cc:
         raise ValueError(f"{name}: weight has {weight.shape[1]} input channels but x has {Cx} and cond {Cc} "
                          f"(weight must be [Co, {Cx + Cc}, k, k])")
-    _check_kernel(name, "weight", weight)
+    check_kernel(name, "weight", weight)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{name}: bias has shape {list(bias.shape)}, expected [{weight.shape[0]}]")
 

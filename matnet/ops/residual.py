@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
-from ._dispatch import force_reference, triton_available
+from ._dispatch import check_4d, check_kernel, check_like, force_reference, side_channels, triton_available
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -113,45 +113,12 @@ def _backward(ctx, grad_out, _grad_a1):
 _residual_conv_block_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_4d(name: str, **tensors: torch.Tensor | None) -> None:
-    for k, t in tensors.items():
-        if t is not None and (not isinstance(t, torch.Tensor) or t.dim() != 4):
-            got = f"shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: {k} must be a 4-D tensor, got {got}")
-
-
-def _check_like(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    if not ref.is_floating_point():
-        raise TypeError(f"{name}: expected floating-point tensors, got {ref.dtype}")
-    for k, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: {k} must be a tensor or None, got {type(t).__name__}")
-        if t.device != ref.device:
-            raise ValueError(f"{name}: {k} is on {t.device} but the first input is on {ref.device}")
-        if t.dtype != ref.dtype:
-            raise TypeError(f"{name}: {k} has dtype {t.dtype} but the first input has {ref.dtype}")
-
-
-def _check_kernel(name: str, k: str, w: torch.Tensor) -> int:
-    kh, kw = w.shape[-2:]
-    if kh != kw or kh % 2 != 1:
-        raise ValueError(f"{name}: {k} must have an odd square kernel, got {kh}x{kw}")
-    return kh
-
-
 def _validate(h, w1, b1, w2, b2, extra, slope) -> None:
     name = "residual_conv_block"
-    _check_4d(name, h=h, w1=w1, w2=w2, extra=extra)
-    _check_like(name, h, w1=w1, b1=b1, w2=w2, b2=b2, extra=extra)
-    B, C, H, W = h.shape
-    E = 0
-    if extra is not None:
-        if extra.shape[0] != B or extra.shape[2:] != h.shape[2:]:
-            raise ValueError(f"{name}: extra has shape {list(extra.shape)}, expected [{B}, E, {H}, {W}] "
-                             f"to match h {list(h.shape)}")
-        E = extra.shape[1]
+    check_4d(name, h=h, w1=w1, w2=w2, extra=extra)
+    check_like(name, h, w1=w1, b1=b1, w2=w2, b2=b2, extra=extra)
+    C = h.shape[1]
+    E = side_channels(name, "h", h, "extra", extra)
     M = w1.shape[0]
     if w1.shape[1] != C + E:
         raise ValueError(f"{name}: w1 has {w1.shape[1]} input channels but h has {C} and extra {E} "
@@ -159,8 +126,8 @@ def _validate(h, w1, b1, w2, b2, extra, slope) -> None:
     if w2.shape[0] != C or w2.shape[1] != M:
         raise ValueError(f"{name}: w2 has shape {list(w2.shape)}, expected [{C}, {M}, k, k] "
                          f"(C from h, M from w1)")
-    _check_kernel(name, "w1", w1)
-    _check_kernel(name, "w2", w2)
+    check_kernel(name, "w1", w1)
+    check_kernel(name, "w2", w2)
     for k, b, n in (("b1", b1, M), ("b2", b2, C)):
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"{name}: {k} has shape {list(b.shape)}, expected [{n}]")
