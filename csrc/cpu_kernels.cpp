@@ -32,7 +32,7 @@ void check_elementwise(const char* op, const at::Tensor& ref, std::initializer_l
 std::array<int64_t, 5> check_mixture(const at::Tensor& x, const at::Tensor& logit_probs,
                                      const at::Tensor& means, const at::Tensor& log_scales,
                                      const at::Tensor& coeffs) {
-  const char* op = "dlogistic_mix_nll";
+  const char* op = "discretized_logistic_mixture_nll";
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected floating-point tensors, got ",
               x.scalar_type());
   TORCH_CHECK(x.dim() == 4, op, ": x must be [B, C, H, W], got shape ", x.sizes());
@@ -200,7 +200,8 @@ struct MixDims {
 
 template <typename S>
 struct MixArgs {
-  const S *x, *logit, *means, *log_scales, *coeffs, *grad;
+  const S *x, *logit, *means, *log_scales, *coeffs;
+  const at::opmath_type<S>* grad;                  // backward: upstream gradient [B], like the nll
   const at::opmath_type<S>* lse_in;                // backward: saved lse_joint [B, hw]
   at::opmath_type<S>*pix_nll, *lse_out;            // forward outputs [B, hw]
   S *g_logit, *g_means, *g_log_scales, *g_coeffs;  // backward outputs
@@ -404,11 +405,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   return {g_mu_q, g_lq, g_mu_p, g_lp, g_eps};
 }
 
-at::Tensor dlogistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
-  check_elementwise("dlogistic_nll_fwd", x, {mean, log_scale});
+at::Tensor discretized_logistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
+  check_elementwise("discretized_logistic_nll_fwd", x, {mean, log_scale});
   const auto xc = x.contiguous(), mc = mean.contiguous(), lc = log_scale.contiguous();
   auto out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dlogistic_nll_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "discretized_logistic_nll_fwd", [&] {
     parallel_elementwise<scalar_t, 3, 1>(
         {xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<scalar_t>(), lc.const_data_ptr<scalar_t>()},
         {out.mutable_data_ptr<scalar_t>()}, xc.numel(), &dlogistic_fwd_range<scalar_t>);
@@ -416,12 +417,12 @@ at::Tensor dlogistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& mean, const at::Tensor& log_scale) {
-  check_elementwise("dlogistic_nll_bwd", x, {grad, mean, log_scale});
+  check_elementwise("discretized_logistic_nll_bwd", x, {grad, mean, log_scale});
   const auto gc = grad.contiguous(), xc = x.contiguous(), mc = mean.contiguous(), lc = log_scale.contiguous();
   auto g_mean = at::empty_like(xc, at::MemoryFormat::Contiguous), g_ls = at::empty_like(g_mean);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dlogistic_nll_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "discretized_logistic_nll_bwd", [&] {
     parallel_elementwise<scalar_t, 4, 2>(
         {gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), mc.const_data_ptr<scalar_t>(),
          lc.const_data_ptr<scalar_t>()},
@@ -431,7 +432,7 @@ std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, con
   return {g_mean, g_ls};
 }
 
-std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_mixture_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
                                                          const at::Tensor& means,
                                                          const at::Tensor& log_scales,
                                                          const at::Tensor& coeffs) {
@@ -442,7 +443,7 @@ std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, co
   auto lse = at::empty({B, H, W}, acc);
   auto pix = at::empty({B, H * W}, acc);
   const MixDims d{B, K, C, C * (C - 1) / 2, H * W};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dlogistic_mix_nll_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "discretized_logistic_mixture_nll_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     MixArgs<scalar_t> g{};
     g.x = xc.const_data_ptr<scalar_t>();
@@ -456,18 +457,19 @@ std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, co
     parallel_tiles<scalar_t>(g, &mix_fwd_tiles<scalar_t>);
   });
   // Per-pixel terms are summed by torch's reduction: deterministic, and accumulated in fp32 or better.
-  return {pix.sum(1).to(x.scalar_type()), lse};
+  // The nll stays in that dtype: a bf16 total of ~4000 nats would be rounded to 16 nats.
+  return {pix.sum(1), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> discretized_logistic_mixture_nll_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,
     const at::Tensor& log_scales, const at::Tensor& coeffs, const at::Tensor& lse) {
   const auto [B, K, C, H, W] = check_mixture(x, logit_probs, means, log_scales, coeffs);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B}) && grad.scalar_type() == x.scalar_type(),
-              "dlogistic_mix_nll_bwd: grad must be [B] of x's dtype, got ", grad.sizes(), " ",
-              grad.scalar_type());
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B}) && grad.scalar_type() == lse_dtype(x.scalar_type()),
+              "discretized_logistic_mixture_nll_bwd: grad must be [B] of the nll's dtype ",
+              lse_dtype(x.scalar_type()), ", got ", grad.sizes(), " ", grad.scalar_type());
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, W}) && lse.scalar_type() == lse_dtype(x.scalar_type()),
-              "dlogistic_mix_nll_bwd: lse must be [B, H, W] of dtype ", lse_dtype(x.scalar_type()), ", got ",
+              "discretized_logistic_mixture_nll_bwd: lse must be [B, H, W] of dtype ", lse_dtype(x.scalar_type()), ", got ",
               lse.sizes(), " ", lse.scalar_type());
   const auto gc = grad.contiguous(), xc = x.contiguous(), lc = logit_probs.contiguous(),
              mc = means.contiguous(), sc = log_scales.contiguous(), cc = coeffs.contiguous(),
@@ -475,10 +477,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd
   auto g_logit = at::empty_like(lc), g_means = at::empty_like(mc), g_ls = at::empty_like(sc),
        g_coeffs = at::empty_like(cc);
   const MixDims d{B, K, C, C * (C - 1) / 2, H * W};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dlogistic_mix_nll_bwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "discretized_logistic_mixture_nll_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     MixArgs<scalar_t> g{};
-    g.grad = gc.const_data_ptr<scalar_t>();
+    g.grad = gc.const_data_ptr<acc_t>();
     g.x = xc.const_data_ptr<scalar_t>();
     g.logit = lc.const_data_ptr<scalar_t>();
     g.means = mc.const_data_ptr<scalar_t>();

@@ -81,40 +81,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_
   return {g0, g1, g2, g3, g4};
 }
 
-at::Tensor dlogistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
-  const char* op = "dlogistic_nll_fwd";
+at::Tensor discretized_logistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale) {
+  const char* op = "discretized_logistic_nll_fwd";
   check_cuda(op, x);
   check_elementwise(op, x, {mean, log_scale});
   c10::DeviceGuard guard(x.device());
   const auto xc = x.contiguous(), mc = mean.contiguous(), lc = log_scale.contiguous();
   auto out = at::empty_like(xc);
-  raise_if(cuda_launch::dlogistic_nll_fwd(dtype_of(xc), xc.const_data_ptr(), mc.const_data_ptr(),
+  raise_if(cuda_launch::discretized_logistic_nll_fwd(dtype_of(xc), xc.const_data_ptr(), mc.const_data_ptr(),
                                           lc.const_data_ptr(), out.mutable_data_ptr(), xc.numel(),
                                           current_stream(xc)),
            op);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& mean, const at::Tensor& log_scale) {
-  const char* op = "dlogistic_nll_bwd";
+  const char* op = "discretized_logistic_nll_bwd";
   check_cuda(op, x);
   check_elementwise(op, x, {grad, mean, log_scale});
   c10::DeviceGuard guard(x.device());
   const auto gc = grad.contiguous(), xc = x.contiguous(), mc = mean.contiguous(), lc = log_scale.contiguous();
   auto g_mean = at::empty_like(xc), g_ls = at::empty_like(xc);
-  raise_if(cuda_launch::dlogistic_nll_bwd(dtype_of(xc), gc.const_data_ptr(), xc.const_data_ptr(),
+  raise_if(cuda_launch::discretized_logistic_nll_bwd(dtype_of(xc), gc.const_data_ptr(), xc.const_data_ptr(),
                                           mc.const_data_ptr(), lc.const_data_ptr(), g_mean.mutable_data_ptr(),
                                           g_ls.mutable_data_ptr(), xc.numel(), current_stream(xc)),
            op);
   return {g_mean, g_ls};
 }
 
-std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_mixture_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
                                                          const at::Tensor& means,
                                                          const at::Tensor& log_scales,
                                                          const at::Tensor& coeffs) {
-  const char* op = "dlogistic_mix_nll_fwd";
+  const char* op = "discretized_logistic_mixture_nll_fwd";
   check_cuda(op, x);
   const auto [B, K, C, H, W] = check_mixture(x, logit_probs, means, log_scales, coeffs);
   c10::DeviceGuard guard(x.device());
@@ -122,23 +122,23 @@ std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, co
              sc = log_scales.contiguous(), cc = coeffs.contiguous();
   const auto acc = x.options().dtype(lse_dtype(x.scalar_type()));
   auto pix = at::empty({B, H * W}, acc), lse = at::empty({B, H, W}, acc);
-  raise_if(cuda_launch::dlogistic_mix_nll_fwd(
+  raise_if(cuda_launch::discretized_logistic_mixture_nll_fwd(
                dtype_of(xc), xc.const_data_ptr(), lc.const_data_ptr(), mc.const_data_ptr(),
                sc.const_data_ptr(), cc.const_data_ptr(), pix.mutable_data_ptr(), lse.mutable_data_ptr(), B,
                static_cast<int>(K), static_cast<int>(C), H * W, current_stream(xc)),
            op);
-  return {pix.sum(1).to(x.scalar_type()), lse};
+  return {pix.sum(1), lse};  // in fp32 (fp64): see cpu_kernels.cpp
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> discretized_logistic_mixture_nll_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,
     const at::Tensor& log_scales, const at::Tensor& coeffs, const at::Tensor& lse) {
-  const char* op = "dlogistic_mix_nll_bwd";
+  const char* op = "discretized_logistic_mixture_nll_bwd";
   check_cuda(op, x);
   const auto [B, K, C, H, W] = check_mixture(x, logit_probs, means, log_scales, coeffs);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B}) && grad.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({B}) && grad.scalar_type() == lse_dtype(x.scalar_type()) &&
                   grad.device() == x.device(),
-              op, ": grad must be [B] of x's dtype and device");
+              op, ": grad must be [B] of the nll's dtype (fp32, fp64 for fp64 x) on x's device");
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, W}) && lse.scalar_type() == lse_dtype(x.scalar_type()) &&
                   lse.device() == x.device(),
               op, ": lse must be [B, H, W] of dtype ", lse_dtype(x.scalar_type()), " on x's device");
@@ -149,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd
   auto g_logit = at::empty_like(lc), g_means = at::empty_like(mc), g_ls = at::empty_like(sc),
        g_coeffs = at::empty_like(cc);
   raise_if(
-      cuda_launch::dlogistic_mix_nll_bwd(
+      cuda_launch::discretized_logistic_mixture_nll_bwd(
           dtype_of(xc), gc.const_data_ptr(), xc.const_data_ptr(), lc.const_data_ptr(), mc.const_data_ptr(),
           sc.const_data_ptr(), cc.const_data_ptr(), ec.const_data_ptr(), g_logit.mutable_data_ptr(),
           g_means.mutable_data_ptr(), g_ls.mutable_data_ptr(), g_coeffs.mutable_data_ptr(), B,

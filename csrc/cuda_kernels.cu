@@ -138,7 +138,7 @@ __global__ void mix_fwd_kernel(const S* __restrict__ x, const S* __restrict__ lo
 }
 
 template <typename S, int CT>
-__global__ void mix_bwd_kernel(const S* __restrict__ grad, const S* __restrict__ x,
+__global__ void mix_bwd_kernel(const typename Acc<S>::type* __restrict__ grad, const S* __restrict__ x,
                                const S* __restrict__ logit, const S* __restrict__ means,
                                const S* __restrict__ ls, const S* __restrict__ coeffs,
                                const typename Acc<S>::type* __restrict__ lse, S* __restrict__ g_logit,
@@ -149,7 +149,7 @@ __global__ void mix_bwd_kernel(const S* __restrict__ grad, const S* __restrict__
   MATNET_GRID_STRIDE(i, B * hw) {
     const int64_t b = i / hw, p = i % hw;
     const int64_t mo = b * K * C * hw + p, lo = b * K * hw + p, co = b * K * P * hw + p;
-    math::mixture_pixel_bwd<T, CT>(to_acc<T>(grad[b]), x + b * C * hw + p, logit + lo, means + mo, ls + mo,
+    math::mixture_pixel_bwd<T, CT>(grad[b], x + b * C * hw + p, logit + lo, means + mo, ls + mo,
                                    coeffs + co, K, C, hw, lse[i], g_logit + lo, g_means + mo, g_ls + mo,
                                    g_coeffs + co);
   }
@@ -212,7 +212,7 @@ const char* gaussian_sample_kl_bwd(DType dt, const void* grad_z, const void* gra
   });
 }
 
-const char* dlogistic_nll_fwd(DType dt, const void* x, const void* mean, const void* log_scale, void* out,
+const char* discretized_logistic_nll_fwd(DType dt, const void* x, const void* mean, const void* log_scale, void* out,
                               int64_t n, void* stream) {
   if (n == 0) return nullptr;
   return dispatch(dt, [&](auto s) {
@@ -222,7 +222,7 @@ const char* dlogistic_nll_fwd(DType dt, const void* x, const void* mean, const v
   });
 }
 
-const char* dlogistic_nll_bwd(DType dt, const void* grad, const void* x, const void* mean,
+const char* discretized_logistic_nll_bwd(DType dt, const void* grad, const void* x, const void* mean,
                               const void* log_scale, void* g_mean, void* g_log_scale, int64_t n,
                               void* stream) {
   if (n == 0) return nullptr;
@@ -233,7 +233,7 @@ const char* dlogistic_nll_bwd(DType dt, const void* grad, const void* x, const v
   });
 }
 
-const char* dlogistic_mix_nll_fwd(DType dt, const void* x, const void* logit_probs, const void* means,
+const char* discretized_logistic_mixture_nll_fwd(DType dt, const void* x, const void* logit_probs, const void* means,
                                   const void* log_scales, const void* coeffs, void* pix_nll, void* lse,
                                   int64_t B, int K, int C, int64_t hw, void* stream) {
   const int64_t n = B * hw;
@@ -257,7 +257,7 @@ const char* dlogistic_mix_nll_fwd(DType dt, const void* x, const void* logit_pro
   });
 }
 
-const char* dlogistic_mix_nll_bwd(DType dt, const void* grad, const void* x, const void* logit_probs,
+const char* discretized_logistic_mixture_nll_bwd(DType dt, const void* grad, const void* x, const void* logit_probs,
                                   const void* means, const void* log_scales, const void* coeffs,
                                   const void* lse, void* g_logit_probs, void* g_means, void* g_log_scales,
                                   void* g_coeffs, int64_t B, int K, int C, int64_t hw, void* stream) {
@@ -268,7 +268,7 @@ const char* dlogistic_mix_nll_bwd(DType dt, const void* grad, const void* x, con
     using T = typename Acc<S>::type;
     const auto cs = static_cast<cudaStream_t>(stream);
     const auto args = [&](auto kernel) {
-      kernel<<<blocks_for(n), kThreads, 0, cs>>>(cp<S>(grad), cp<S>(x), cp<S>(logit_probs), cp<S>(means),
+      kernel<<<blocks_for(n), kThreads, 0, cs>>>(static_cast<const T*>(grad), cp<S>(x), cp<S>(logit_probs), cp<S>(means),
                                                  cp<S>(log_scales), cp<S>(coeffs), static_cast<const T*>(lse),
                                                  mp<S>(g_logit_probs), mp<S>(g_means), mp<S>(g_log_scales),
                                                  mp<S>(g_coeffs), B, K, C, hw);

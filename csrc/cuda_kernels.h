@@ -18,18 +18,18 @@ const char* gaussian_sample_kl_bwd(DType dt, const void* grad_z, const void* gra
                                    const void* logvar_q, const void* mu_p, const void* logvar_p,
                                    const void* eps, void* g_mu_q, void* g_logvar_q, void* g_mu_p,
                                    void* g_logvar_p, void* g_eps, int64_t n, void* stream);
-const char* dlogistic_nll_fwd(DType dt, const void* x, const void* mean, const void* log_scale, void* out,
+const char* discretized_logistic_nll_fwd(DType dt, const void* x, const void* mean, const void* log_scale, void* out,
                               int64_t n, void* stream);
-const char* dlogistic_nll_bwd(DType dt, const void* grad, const void* x, const void* mean,
+const char* discretized_logistic_nll_bwd(DType dt, const void* grad, const void* x, const void* mean,
                               const void* log_scale, void* g_mean, void* g_log_scale, int64_t n,
                               void* stream);
 // Mixture: contiguous x [B,C,H,W], logit_probs [B,K,H,W], means/log_scales [B,K,C,H,W], coeffs
 // [B,K,C(C-1)/2,H,W] of `dt`; pix_nll [B,H,W] and lse [B,H,W] are fp64 for fp64 inputs, else fp32; grad is
-// [B].
-const char* dlogistic_mix_nll_fwd(DType dt, const void* x, const void* logit_probs, const void* means,
+// [B] of that same dtype.
+const char* discretized_logistic_mixture_nll_fwd(DType dt, const void* x, const void* logit_probs, const void* means,
                                   const void* log_scales, const void* coeffs, void* pix_nll, void* lse,
                                   int64_t B, int K, int C, int64_t hw, void* stream);
-const char* dlogistic_mix_nll_bwd(DType dt, const void* grad, const void* x, const void* logit_probs,
+const char* discretized_logistic_mixture_nll_bwd(DType dt, const void* grad, const void* x, const void* logit_probs,
                                   const void* means, const void* log_scales, const void* coeffs,
                                   const void* lse, void* g_logit_probs, void* g_means, void* g_log_scales,
                                   void* g_coeffs, int64_t B, int K, int C, int64_t hw, void* stream);

@@ -27,14 +27,14 @@ std::tuple<at::Tensor, at::Tensor> gaussian_sample_kl_fwd(const at::Tensor& mu_q
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_sample_kl_bwd(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logvar_q,
     const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& eps);
-at::Tensor dlogistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale);
-std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
+at::Tensor discretized_logistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale);
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& mean, const at::Tensor& log_scale);
-std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_mixture_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
                                                          const at::Tensor& means,
                                                          const at::Tensor& log_scales,
                                                          const at::Tensor& coeffs);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> discretized_logistic_mixture_nll_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,
     const at::Tensor& log_scales, const at::Tensor& coeffs, const at::Tensor& lse);
 }  // namespace cpu
@@ -47,14 +47,14 @@ std::tuple<at::Tensor, at::Tensor> gaussian_sample_kl_fwd(const at::Tensor& mu_q
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gaussian_sample_kl_bwd(
     const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu_q, const at::Tensor& logvar_q,
     const at::Tensor& mu_p, const at::Tensor& logvar_p, const at::Tensor& eps);
-at::Tensor dlogistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale);
-std::tuple<at::Tensor, at::Tensor> dlogistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
+at::Tensor discretized_logistic_nll_fwd(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& log_scale);
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_nll_bwd(const at::Tensor& grad, const at::Tensor& x,
                                                      const at::Tensor& mean, const at::Tensor& log_scale);
-std::tuple<at::Tensor, at::Tensor> dlogistic_mix_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
+std::tuple<at::Tensor, at::Tensor> discretized_logistic_mixture_nll_fwd(const at::Tensor& x, const at::Tensor& logit_probs,
                                                          const at::Tensor& means,
                                                          const at::Tensor& log_scales,
                                                          const at::Tensor& coeffs);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dlogistic_mix_nll_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> discretized_logistic_mixture_nll_bwd(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& logit_probs, const at::Tensor& means,
     const at::Tensor& log_scales, const at::Tensor& coeffs, const at::Tensor& lse);
 }  // namespace cuda

@@ -21,12 +21,11 @@ its bf16 arithmetic is not exact) and fp64 for fp64. Offsets are 64-bit.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .utils import acc_dtype, device_ctx, interpreting
 
 
 @triton.jit
@@ -106,28 +105,15 @@ _GPU_WARPS = 4
 _INTERPRETER_MAX_BLOCK = 1 << 16
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _device_ctx(t: torch.Tensor):
-    # triton launches on the current CUDA device
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_params(n: int, t: torch.Tensor, block_size: int | None) -> tuple[int, dict]:
     if block_size is not None:
         return block_size, {}
-    if _interpreting(t):
+    if t.device.type == "cpu" or interpreting():
         return min(max(triton.next_power_of_2(n), 16), _INTERPRETER_MAX_BLOCK), {}
     return _GPU_BLOCK, {"num_warps": _GPU_WARPS}
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def gaussian_sample_kl_forward(
+def gaussian_sample_kl_fwd(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor, eps: torch.Tensor,
     block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,14 +126,14 @@ def gaussian_sample_kl_forward(
     if n == 0:
         return z, kl
     block, opts = _launch_params(n, z, block_size)
-    with _device_ctx(z):
+    with device_ctx(z):
         _gaussian_sample_kl_fwd_kernel[(triton.cdiv(n, block),)](
-            *args, z, kl, n, ACC=_acc_dtype(z.dtype), BLOCK=block, **opts,
+            *args, z, kl, n, ACC=acc_dtype(z.dtype), BLOCK=block, **opts,
         )
     return z, kl
 
 
-def gaussian_sample_kl_backward(
+def gaussian_sample_kl_bwd(
     grad_z: torch.Tensor, grad_kl: torch.Tensor, mu_q: torch.Tensor, logvar_q: torch.Tensor,
     mu_p: torch.Tensor, logvar_p: torch.Tensor, eps: torch.Tensor, block_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,9 +144,9 @@ def gaussian_sample_kl_backward(
     if n == 0:
         return tuple(grads)
     block, opts = _launch_params(n, args[2], block_size)
-    with _device_ctx(args[2]):
+    with device_ctx(args[2]):
         _gaussian_sample_kl_bwd_kernel[(triton.cdiv(n, block),)](
-            *args, *grads, n, ACC=_acc_dtype(args[2].dtype), BLOCK=block, **opts,
+            *args, *grads, n, ACC=acc_dtype(args[2].dtype), BLOCK=block, **opts,
         )
     return tuple(grads)
 
@@ -172,13 +158,13 @@ def gaussian_sample_kl_backward(
 
 class TritonGaussianSampleKL(torch.autograd.Function):
     """The Triton kernels as an autograd function, for direct use. `matnet.ops.gaussian_sample_kl` is
-    the registered op (torch.compile-friendly) and dispatches here for CUDA tensors."""
+    the registered op (torch.compile-friendly); its CUDA backend is the two launchers above."""
 
     @staticmethod
     def forward(ctx, mu_q, logvar_q, mu_p, logvar_p, eps):
         ctx.save_for_backward(mu_q, logvar_q, mu_p, logvar_p, eps)
-        return gaussian_sample_kl_forward(mu_q, logvar_q, mu_p, logvar_p, eps)
+        return gaussian_sample_kl_fwd(mu_q, logvar_q, mu_p, logvar_p, eps)
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
-        return gaussian_sample_kl_backward(grad_z, grad_kl, *ctx.saved_tensors)
+        return gaussian_sample_kl_bwd(grad_z, grad_kl, *ctx.saved_tensors)

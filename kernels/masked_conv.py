@@ -55,9 +55,9 @@ def masked_conv2d_bwd(
     cond: torch.Tensor | None = None,
     block_sizes: tuple[int, int, int] | None = None,
     wgrad_split: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(grad x, grad weight, grad bias, grad cond or None). grad weight is exactly zero on the
-    masked taps of the x channels."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x, grad weight, grad bias, grad cond), grad cond empty [0] without cond (the registered
+    op's convention). grad weight is exactly zero on the masked taps of the x channels."""
     grad_y, x = grad_y.contiguous(), x.contiguous()
     cond = None if cond is None else cond.contiguous()
     k = weight.shape[-1]
@@ -66,7 +66,7 @@ def masked_conv2d_bwd(
     wt = pack_weight_t(weight)  # [k*k, Co, Cx + Cc]: the input-gradient operand
     gx = torch.empty_like(x)
     launch_conv(grad_y, wt[:, :, :cx], gx, k=k, sgn=-1, taps1=taps, block_sizes=block_sizes)
-    gcond = None
+    gcond = x.new_empty(0)
     if cond is not None:
         gcond = torch.empty_like(cond)
         launch_conv(grad_y, wt[:, :, cx:], gcond, k=k, sgn=-1, block_sizes=block_sizes)

@@ -21,19 +21,18 @@ Backward (s = slope, lrelu'(v) = 1 if v > 0 else s, read off a1 / out since s >=
     gw1 = sum_{b,p} g1 x shifted [h; extra],   gb1 = sum g1
 
 Loads are masked and upcast to fp32 at once; accumulation is fp32. On a GPU, fp16/bf16
-operands go to `tl.dot` in their own dtype (tensor cores), fp32 ones as tf32 unless
-`torch.backends.cudnn.allow_tf32` is off. Under TRITON_INTERPRET=1 the same kernels run on CPU
+operands go to `tl.dot` in their own dtype (tensor cores), fp32 ones as tf32 where torch lets
+cuDNN's fp32 convolutions use it (`utils.conv_fp32_precision`). Under TRITON_INTERPRET=1 the same kernels run on CPU
 tensors, all in fp32. Offsets within one sample (C*H*W) are 32-bit, the batch term 64-bit.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .utils import device_ctx, dot_mode, interpreting
 
 ACT_NONE = 0
 ACT_LRELU = 1  # epilogue applies lrelu
@@ -229,31 +228,13 @@ def _conv_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _device_ctx(t: torch.Tensor):
-    # triton launches on the current CUDA device
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
-    """(LOWP, DOT_PREC): fp16/bf16 operands feed tensor cores directly on a GPU; under the
-    interpreter everything stays fp32 (its bf16 arithmetic is not exact)."""
-    if _interpreting():
-        return False, "ieee"
-    lowp = dtype in (torch.float16, torch.bfloat16)
-    return lowp, ("tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
-
-
 def _blocks(P: int, N: int, C: int, block_sizes: tuple[int, int, int] | None) -> tuple[int, int, int]:
     """(BLOCK_P, BLOCK_N, BLOCK_K). tl.dot needs every dim >= 16. The interpreter pays per program,
     so it takes one large pixel tile; GPU sizes are sensible defaults, not tuned."""
     if block_sizes is not None:
         return block_sizes
     bn = min(max(triton.next_power_of_2(N), 16), 64)
-    if _interpreting():
+    if interpreting():
         return min(max(triton.next_power_of_2(P), 16), 512), bn, min(max(triton.next_power_of_2(C), 16), 64)
     return 128, bn, min(max(triton.next_power_of_2(C), 16), 32)
 
@@ -301,15 +282,16 @@ def launch_conv(
     P = B * H * W
     if P == 0 or N == 0:
         return
+    bias = None if bias is None else bias.contiguous()  # read with unit stride
     BP, BN, BK = _blocks(P, N, max(C1, C2), block_sizes)
-    lowp, prec = _dot_mode(x1.dtype)
+    lowp, prec = dot_mode(x1.dtype)
     # the interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest even): stage in fp32 there
     staged = [(y, torch.empty(y.shape, dtype=torch.float32, device=y.device)) if _stage(y) else (y, y)
               for y in (y1, y2)]
     y1, y2 = (tmp for _, tmp in staged)
     dummy = y1
     grid = (triton.cdiv(P, BP), triton.cdiv(N, BN))
-    with _device_ctx(x1):
+    with device_ctx(x1):
         _conv_same_kernel[grid](
             x1, dummy if x1_gate is None else x1_gate, dummy if x2 is None else x2, w_packed,
             dummy if bias is None else bias, dummy if res is None else res,
@@ -331,13 +313,13 @@ def launch_conv(
 
 
 def _stage(y: torch.Tensor | None) -> bool:
-    return y is not None and y.dtype == torch.bfloat16 and _interpreting()
+    return y is not None and y.dtype == torch.bfloat16 and interpreting()
 
 
 def _wgrad_split(P: int, tiles: int, BP: int, device: torch.device, split: int | None) -> int:
     p_blocks = triton.cdiv(P, BP)
     if split is None:
-        if _interpreting() or device.type != "cuda":
+        if interpreting() or device.type != "cuda":
             split = 1
         else:
             # enough programs to fill the GPU; each keeps a few pixel blocks to amortize its store
@@ -365,7 +347,11 @@ def weight_grad(
     c_tot = sum(0 if x is None else x.shape[1] for x, _ in sources)
     c_max = max([0] + [x.shape[1] for x, _ in sources if x is not None])
     BP, BN, BC = _blocks(P, N, c_max, block_sizes)
-    lowp, prec = _dot_mode(g.dtype)
+    if block_sizes is None and not interpreting() and g.dtype == torch.float32:
+        # fp32 tiles of 128 pixels (g, its gate and x) need 240 KB of shared memory over the pipeline's
+        # 3 stages, above an H100's 227 KB; 64 pixels need 120 KB (compiled for sm_90)
+        BP = 64
+    lowp, prec = dot_mode(g.dtype)
     tiles = triton.cdiv(N, BN) * triton.cdiv(max(c_max, 1), BC) * kk
     n_split = _wgrad_split(P, tiles, BP, g.device, split)
     n_iter = triton.cdiv(triton.cdiv(P, BP), n_split)
@@ -373,7 +359,7 @@ def weight_grad(
     wsb = torch.zeros(n_split, N, dtype=torch.float32, device=g.device)
     bias_done = False
     c_off = 0
-    with _device_ctx(g):
+    with device_ctx(g):
         for x, taps in sources:
             C = 0 if x is None else x.shape[1]
             if C > 0 and taps > 0 and P > 0 and N > 0:
@@ -437,9 +423,10 @@ def residual_conv_block_bwd(
     slope: float = 0.1,
     block_sizes: tuple[int, int, int] | None = None,
     wgrad_split: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_h, grad_extra or None, grad_w1, grad_b1, grad_w2, grad_b2) from the forward's
-    saved (h, extra, w1, w2, out, a1). Biases always get a gradient (unused when absent)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_h, grad_extra, grad_w1, grad_b1, grad_w2, grad_b2) from the forward's saved (h, extra, w1,
+    w2, out, a1); grad_extra is empty [0] without extra. Biases always get a gradient (unused when
+    absent)."""
     grad_out, h, out, a1 = (t.contiguous() for t in (grad_out, h, out, a1))
     extra = None if extra is None else extra.contiguous()
     k1, k2 = w1.shape[-1], w2.shape[-1]
@@ -456,4 +443,4 @@ def residual_conv_block_bwd(
     gw2, gb2 = weight_grad(grad_out, [(a1, kk2)], k2, g_gate=out, slope=slope, block_sizes=block_sizes,
                            split=wgrad_split)
     gw1, gb1 = weight_grad(g1, [(h, kk1), (extra, kk1)], k1, block_sizes=block_sizes, split=wgrad_split)
-    return gh, gextra, gw1, gb1, gw2, gb2
+    return gh, (h.new_empty(0) if gextra is None else gextra), gw1, gb1, gw2, gb2

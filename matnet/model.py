@@ -147,8 +147,14 @@ class MatNet(UsesOps, nn.Module):
             groups[j].reverse()
         return groups
 
+    def noise(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """N(0, I) noise in the parameters' dtype, drawn in fp32 whatever that dtype: an fp64 copy of the
+        model then sees the very same draws (the accuracy tests judge fp32 against such a copy)."""
+        dtype = next(self.parameters()).dtype
+        return torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+
     def _stochastic(self, mu_q, logvar_q, mu_p, logvar_p, trace: _Trace) -> torch.Tensor:
-        eps = torch.randn_like(mu_q)
+        eps = self.noise(mu_q.shape, mu_q.device)
         z, kl = self.ops.gaussian_sample_kl(mu_q, logvar_q, mu_p, logvar_p, eps)
         trace.kl.append(kl.flatten(1).sum(1))
         if trace.log_ratio is not None:
@@ -178,14 +184,15 @@ class MatNet(UsesOps, nn.Module):
     def generate_features(self, n: int, temperature: float = 1.0) -> torch.Tensor:
         """Generation pass (Eq. 1, 7, 8): z0 ~ N(0, I), z_i ~ p(z_i | h_t(i))."""
         p = next(self.parameters())
-        z0 = temperature * torch.randn(n, self.cfg.nz0, device=p.device, dtype=p.dtype)
+        z0 = temperature * self.noise((n, self.cfg.nz0), p.device)
         h_t = self.top.decode(z0)
         for j, tds in enumerate(self.td):
             if j > 0:
                 h_t = self.td_up[j - 1](h_t)
             for td in tds:
                 mu_p, logvar_p = td.prior(h_t)
-                h_t = td(h_t, mu_p + temperature * torch.exp(0.5 * logvar_p) * torch.randn_like(mu_p))
+                eps = self.noise(mu_p.shape, mu_p.device)
+                h_t = td(h_t, mu_p + temperature * torch.exp(0.5 * logvar_p) * eps)
         return self.out_up(h_t)
 
     def output_params(self, h: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:

@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from helpers import GPU_SKIP, REQUIRE_CUDA  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,3 +44,13 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """MATNET_REQUIRE_CUDA=1: a skip for a missing GPU, Triton or extension feature is a failure."""
+    outcome = yield
+    rep = outcome.get_result()
+    if REQUIRE_CUDA and rep.skipped and isinstance(rep.longrepr, tuple) and GPU_SKIP in str(rep.longrepr[2]):
+        rep.outcome = "failed"
+        rep.longrepr = f"MATNET_REQUIRE_CUDA=1 but this test was skipped: {rep.longrepr[2]}"

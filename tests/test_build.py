@@ -22,10 +22,10 @@ CSRC = os.path.join(REPO, "csrc")
 RAW_OPS = [
     "gaussian_sample_kl_fwd",
     "gaussian_sample_kl_bwd",
-    "dlogistic_nll_fwd",
-    "dlogistic_nll_bwd",
-    "dlogistic_mix_nll_fwd",
-    "dlogistic_mix_nll_bwd",
+    "discretized_logistic_nll_fwd",
+    "discretized_logistic_nll_bwd",
+    "discretized_logistic_mixture_nll_fwd",
+    "discretized_logistic_mixture_nll_bwd",
     "cuda_enabled",
 ]
 PUBLIC_OPS = [
@@ -44,7 +44,7 @@ def test_extension_loads_and_registers_ops():
     assert _dispatch.extension_loaded()
     for name in RAW_OPS + PUBLIC_OPS:
         assert hasattr(torch.ops.matnet, name), name
-    schema = str(torch.ops.matnet.dlogistic_mix_nll_fwd.default._schema)
+    schema = str(torch.ops.matnet.discretized_logistic_mixture_nll_fwd.default._schema)
     assert "Tensor log_scales" in schema and "-> (Tensor nll, Tensor lse)" in schema
     has_cuda = torch.ops.matnet.cuda_enabled()
     assert isinstance(has_cuda, bool)

@@ -1,21 +1,24 @@
 """matnet.ops.gaussian_sample_kl: the C++ kernel (CPU), the Triton kernel (interpreter on CPU, compiled on
 CUDA) and the reference-path fallback, all against matnet.ops.reference in fp64."""
 
-import os
-
 import pytest
 import torch
+from helpers import (
+    CUDA,
+    LOWP,
+    assert_close_to_truth,
+    assert_within_ref_error,
+    max_err,
+    needs_cuda,
+    needs_ext,
+    needs_triton,
+    skip_gpu,
+)
 
 from matnet.ops import _dispatch, gaussian, reference
 from matnet.ops.gaussian import gaussian_sample_kl
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-# A pure-Python install (MATNET_WITH_CPP=0) has no extension; anywhere else a missing one is a failure.
-needs_ext = pytest.mark.skipif(os.environ.get("MATNET_WITH_CPP") == "0", reason="built without matnet._C")
-
 ODD_SHAPES = [(3, 5, 7, 11), (2, 1, 13), (1,)]  # 1155, 26 and 1 elements: no multiple of any block size
-LOWP = [torch.float16, torch.bfloat16]
 
 
 def make_inputs(shape, dtype=torch.float32, device="cpu", seed=0, spread=2.0):
@@ -41,16 +44,7 @@ def op_grads(fn, inputs, gz, gk):
     return z.detach(), kl.detach(), grads
 
 
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_lowp_close(fast, ref, truth, rtol=1e-3):
-    """Flash-attention style: the kernel's error in low precision, measured against the fp64 truth, is at most
-    twice the reference's own error in that precision (plus a small slack relative to the values' size)."""
-    assert fast.shape == truth.shape
-    err, ref_err = max_err(fast, truth), max_err(ref, truth)
-    assert err <= 2 * ref_err + rtol * (1 + truth.abs().max().item()), (err, ref_err)
+NAMES = ("z", "kl", "grad mu_q", "grad logvar_q", "grad mu_p", "grad logvar_p", "grad eps")
 
 
 @pytest.fixture
@@ -71,11 +65,9 @@ def test_cpu_forward_backward_match_reference(ext, shape, dtype):
     z_t, kl_t, grads_t = reference_grads(inputs, gz, gk)
     assert z.dtype == dtype and kl.dtype == dtype and z.shape == torch.Size(shape)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
-    assert max_err(z, z_t) <= tol * (1 + z_t.abs().max().item())
-    assert max_err(kl, kl_t) <= tol * (1 + kl_t.abs().max().item())
-    for g, g_t in zip(grads, grads_t):
-        assert g.dtype == dtype
-        assert max_err(g, g_t) <= tol * (1 + g_t.abs().max().item())
+    for name, out, truth in zip(NAMES, [z, kl, *grads], [z_t, kl_t, *grads_t]):
+        assert out.dtype == dtype
+        assert_close_to_truth(name, out, truth, tol)
 
 
 @needs_ext
@@ -88,9 +80,9 @@ def test_cpu_low_precision_error_within_2x_reference(ext, dtype):
     z, kl, grads = op_grads(gaussian_sample_kl, inputs, gz, gk)
     z_r, kl_r, grads_r = op_grads(reference.gaussian_sample_kl, inputs, gz, gk)
     z_t, kl_t, grads_t = reference_grads(inputs, gz, gk)
-    for fast, ref, truth in [(z, z_r, z_t), (kl, kl_r, kl_t), *zip(grads, grads_r, grads_t)]:
+    for name, fast, ref, truth in zip(NAMES, [z, kl, *grads], [z_r, kl_r, *grads_r], [z_t, kl_t, *grads_t]):
         assert fast.dtype == dtype
-        assert_lowp_close(fast, ref, truth)
+        assert_within_ref_error(name, fast, ref, truth)
 
 
 @needs_ext
@@ -107,8 +99,8 @@ def test_reference_path_gradcheck_fp64(monkeypatch):
     gz, gk = make_inputs((2, 3, 5), torch.float64, seed=1)[:2]
     _, _, grads = op_grads(gaussian_sample_kl, inputs, gz, gk)
     _, _, grads_t = reference_grads(inputs, gz, gk)
-    for g, g_t in zip(grads, grads_t):
-        assert max_err(g, g_t) <= 1e-12 * (1 + g_t.abs().max().item())
+    for name, g, g_t in zip(NAMES[2:], grads, grads_t):
+        assert_close_to_truth(name, g, g_t, 1e-12)
 
 
 @needs_ext
@@ -118,8 +110,8 @@ def test_cpu_and_reference_path_agree(ext, monkeypatch):
     fast = op_grads(gaussian_sample_kl, inputs, gz, gk)
     monkeypatch.setattr(_dispatch, "extension_loaded", lambda: False)
     slow = op_grads(gaussian_sample_kl, inputs, gz, gk)
-    for a, b in zip([fast[0], fast[1], *fast[2]], [slow[0], slow[1], *slow[2]]):
-        assert max_err(a, b) <= 1e-12 * (1 + b.abs().max().item())
+    for name, a, b in zip(NAMES, [fast[0], fast[1], *fast[2]], [slow[0], slow[1], *slow[2]]):
+        assert_close_to_truth(name, a, b, 1e-12)
 
 
 @needs_ext
@@ -146,8 +138,8 @@ def test_cpu_non_contiguous_and_empty(ext):
     inputs = [x.t() for x in base]  # non-contiguous views
     z, kl = gaussian_sample_kl(*inputs)
     z_r, kl_r = reference.gaussian_sample_kl(*inputs)
-    assert max_err(z, z_r) <= 1e-5 * (1 + z_r.abs().max().item())
-    assert max_err(kl, kl_r) <= 1e-5 * (1 + kl_r.abs().max().item())
+    assert_close_to_truth("z", z, z_r, 1e-5)
+    assert_close_to_truth("kl", kl, kl_r, 1e-5)
     empty = [torch.empty(0, 3) for _ in range(5)]
     z, kl = gaussian_sample_kl(*empty)
     assert z.shape == (0, 3) and kl.shape == (0, 3)
@@ -182,16 +174,6 @@ def test_raw_cpp_op_checks_arguments(ext):
 
 # ---- Triton kernel, called directly (interpreter on CPU) ----
 
-try:
-    import triton  # noqa: F401
-
-    HAVE_TRITON = True
-except Exception:  # pragma: no cover - triton is a test dependency
-    HAVE_TRITON = False
-needs_triton = pytest.mark.skipif(
-    not HAVE_TRITON or (not CUDA and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton, and a GPU or TRITON_INTERPRET=1",
-)
 TRITON_DEVICE = "cuda" if CUDA else "cpu"
 
 
@@ -199,26 +181,26 @@ TRITON_DEVICE = "cuda" if CUDA else "cpu"
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOWP])
 @pytest.mark.parametrize("block_size", [None, 256])
 def test_triton_kernel_matches_reference(dtype, block_size):
-    from matnet.kernels.gaussian_sample_kl import gaussian_sample_kl_backward, gaussian_sample_kl_forward
+    from matnet.kernels.gaussian_sample_kl import gaussian_sample_kl_bwd, gaussian_sample_kl_fwd
 
     shape = (3, 5, 7, 11)
     inputs = make_inputs(shape, dtype, device=TRITON_DEVICE, spread=1.5)
     gz, gk = make_inputs(shape, dtype, device=TRITON_DEVICE, seed=1)[:2]
-    z, kl = gaussian_sample_kl_forward(*inputs, block_size=block_size)
-    grads = gaussian_sample_kl_backward(gz, gk, *inputs, block_size=block_size)
+    z, kl = gaussian_sample_kl_fwd(*inputs, block_size=block_size)
+    grads = gaussian_sample_kl_bwd(gz, gk, *inputs, block_size=block_size)
     z_t, kl_t, grads_t = reference_grads(inputs, gz, gk)
     outs, truths = [z, kl, *grads], [z_t, kl_t, *grads_t]
     if dtype in LOWP:
         _, _, ref_grads = op_grads(reference.gaussian_sample_kl, inputs, gz, gk)
         refs = [*reference.gaussian_sample_kl(*inputs), *ref_grads]
-        for out, ref, truth in zip(outs, refs, truths):
+        for name, out, ref, truth in zip(NAMES, outs, refs, truths):
             assert out.dtype == dtype
-            assert_lowp_close(out, ref, truth)
+            assert_within_ref_error(name, out, ref, truth)
     else:
         tol = 1e-12 if dtype == torch.float64 else 2e-5
-        for out, truth in zip(outs, truths):
+        for name, out, truth in zip(NAMES, outs, truths):
             assert out.dtype == dtype
-            assert max_err(out, truth) <= tol * (1 + truth.abs().max().item())
+            assert_close_to_truth(name, out, truth, tol)
 
 
 @needs_triton
@@ -230,8 +212,8 @@ def test_triton_autograd_function_and_masking():
     gz, gk = make_inputs((n,), torch.float32, device=TRITON_DEVICE, seed=1)[:2]
     z, kl, grads = op_grads(TritonGaussianSampleKL.apply, inputs, gz, gk)
     z_t, kl_t, grads_t = reference_grads(inputs, gz, gk)
-    for out, truth in [(z, z_t), (kl, kl_t), *zip(grads, grads_t)]:
-        assert max_err(out, truth) <= 2e-5 * (1 + truth.abs().max().item())
+    for name, out, truth in zip(NAMES, [z, kl, *grads], [z_t, kl_t, *grads_t]):
+        assert_close_to_truth(name, out, truth, 2e-5)
 
 
 # ---- dispatch, fallback, validation ----
@@ -239,13 +221,13 @@ def test_triton_autograd_function_and_masking():
 
 def test_force_reference_env_calls_reference(monkeypatch):
     calls = []
-    real = reference.gaussian_sample_kl
+    real = reference.gaussian_sample_kl_fwd
 
     def spy(*args):
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(reference, "gaussian_sample_kl", spy)
+    monkeypatch.setattr(reference, "gaussian_sample_kl_fwd", spy)
     monkeypatch.setenv("MATNET_FORCE_REFERENCE", "1")
     inputs = make_inputs((4, 3))
     z, kl = gaussian_sample_kl(*inputs)
@@ -260,7 +242,7 @@ def test_force_reference_env_calls_reference(monkeypatch):
 def test_without_extension_uses_reference(monkeypatch):
     monkeypatch.setattr(_dispatch, "extension_loaded", lambda: False)
     monkeypatch.setattr(_dispatch, "extension_has_cuda", lambda: False)
-    assert gaussian._backend(torch.zeros(1)) == "reference"
+    assert gaussian.KERNELS.backend(torch.zeros(1)) == "reference"
     inputs = make_inputs((5, 7))
     z, kl = gaussian_sample_kl(*inputs)
     z_r, kl_r = reference.gaussian_sample_kl(*inputs)
@@ -293,9 +275,9 @@ def test_cuda_public_op_matches_reference(dtype):
     z, kl, grads = op_grads(gaussian_sample_kl, inputs, gz, gk)
     z_r, kl_r, grads_r = op_grads(reference.gaussian_sample_kl, inputs, gz, gk)
     z_t, kl_t, grads_t = reference_grads(inputs, gz, gk)
-    for fast, ref, truth in [(z, z_r, z_t), (kl, kl_r, kl_t), *zip(grads, grads_r, grads_t)]:
+    for name, fast, ref, truth in zip(NAMES, [z, kl, *grads], [z_r, kl_r, *grads_r], [z_t, kl_t, *grads_t]):
         assert fast.dtype == dtype and fast.is_cuda
-        assert_lowp_close(fast, ref, truth, rtol=1e-5)
+        assert_within_ref_error(name, fast, ref, truth)
 
 
 @needs_cuda
@@ -310,7 +292,7 @@ def test_cuda_gradcheck_and_opcheck():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *LOWP])
 def test_cuda_extension_kernels_match_reference(dtype):
     if not _dispatch.extension_has_cuda():
-        pytest.skip("matnet._C was built without CUDA")
+        skip_gpu("matnet._C was built without CUDA")
     shape = (3, 5, 7, 11)
     inputs = make_inputs(shape, dtype, device="cuda", spread=1.5)
     gz, gk = make_inputs(shape, dtype, device="cuda", seed=1)[:2]
@@ -319,5 +301,5 @@ def test_cuda_extension_kernels_match_reference(dtype):
     z_t, kl_t, grads_t = reference_grads(inputs, gz, gk)
     _, _, grads_r = op_grads(reference.gaussian_sample_kl, inputs, gz, gk)
     refs = [*reference.gaussian_sample_kl(*inputs), *grads_r]
-    for out, ref, truth in zip([z, kl, *grads], refs, [z_t, kl_t, *grads_t]):
-        assert_lowp_close(out, ref, truth, rtol=1e-5)
+    for name, out, ref, truth in zip(NAMES, [z, kl, *grads], refs, [z_t, kl_t, *grads_t]):
+        assert_within_ref_error(name, out, ref, truth)

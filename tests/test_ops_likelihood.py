@@ -6,19 +6,22 @@ above 20, which in fp64 drops terms of e^-20 (e.g. -log P ~ 1e-9 of a nearly cer
 and its gradient vanishes). The reference itself is checked against the truth too."""
 
 import math
-import os
 
 import pytest
 import torch
+from helpers import LOWP, assert_close_to_truth, assert_within_ref_error, max_err, needs_cuda, needs_ext, skip_gpu
 
 from matnet.ops import _dispatch, likelihood, reference
 from matnet.ops.likelihood import discretized_logistic_mixture_nll, discretized_logistic_nll
 
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-needs_ext = pytest.mark.skipif(os.environ.get("MATNET_WITH_CPP") == "0", reason="built without matnet._C")
-LOWP = [torch.float16, torch.bfloat16]
 H = reference.BIN_HALF_WIDTH
+OUT_NAMES = ("nll", "grad mean", "grad log_scale")
+MIX_NAMES = ("nll", "grad logit_probs", "grad means", "grad log_scales", "grad coeffs")
+
+
+def nll_dtype(dtype):
+    """Likelihoods are always returned in fp32 at least."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ---- fp64 truth ----
@@ -62,24 +65,6 @@ def value_and_grads(fn, inputs, grad_out, wrt, dtype=None):
 def rounded(inputs, dtype):
     """The inputs as a kernel in `dtype` sees them, back in fp64: the truth for absolute-accuracy checks."""
     return [t.to(dtype).double() for t in inputs]
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
-def assert_close_rel(out, truth, rtol):
-    assert torch.isfinite(out).all()
-    err = max_err(out, truth)
-    assert err <= rtol * (1 + max_err(truth, torch.zeros_like(truth))), err
-
-
-def assert_lowp_close(fast, ref, truth, rtol=1e-3):
-    """Flash-attention style: the kernel's error in low precision against the fp64 truth is at most twice the
-    reference's own error in that precision (plus a small slack relative to the values' size)."""
-    assert torch.isfinite(fast).all()
-    err, ref_err = max_err(fast, truth), max_err(ref, truth)
-    assert err <= 2 * ref_err + rtol * (1 + max_err(truth, torch.zeros_like(truth))), (err, ref_err)
 
 
 @pytest.fixture
@@ -140,9 +125,8 @@ def test_cpu_dlogistic_matches_truth(ext, shape, dtype):
     out_t, grads_t = value_and_grads(truth_nll, rounded(inputs, dtype), grad, (1, 2))
     assert out.dtype == dtype and out.shape == torch.Size(shape)
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
-    assert_close_rel(out, out_t, rtol)
-    for g, g_t in zip(grads, grads_t):
-        assert_close_rel(g, g_t, rtol)
+    for name, o, t in zip(OUT_NAMES, [out, *grads], [out_t, *grads_t]):
+        assert_close_to_truth(name, o, t, rtol)
 
 
 @needs_ext
@@ -154,9 +138,9 @@ def test_cpu_dlogistic_low_precision_error(ext, dtype):
     out, grads = value_and_grads(discretized_logistic_nll, inputs, grad, (1, 2), dtype)
     out_r, grads_r = value_and_grads(reference.discretized_logistic_nll, inputs, grad, (1, 2), dtype)
     out_t, grads_t = value_and_grads(truth_nll, inputs, grad, (1, 2))
-    assert out.dtype == dtype
-    for fast, ref, truth in [(out, out_r, out_t), *zip(grads, grads_r, grads_t)]:
-        assert_lowp_close(fast, ref, truth)
+    assert out.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    for name, fast, ref, truth in zip(OUT_NAMES, [out, *grads], [out_r, *grads_r], [out_t, *grads_t]):
+        assert_within_ref_error(name, fast, ref, truth)
 
 
 @needs_ext
@@ -184,8 +168,8 @@ def test_cpu_and_reference_path_agree(ext, monkeypatch):
     slow = value_and_grads(discretized_logistic_nll, inputs, grad, (1, 2))
     # the fallback's forward is the reference (softplus threshold); its backward uses the exact formulas
     assert max_err(fast[0], slow[0]) < 1e-6
-    for a, b in zip(fast[1], slow[1]):
-        assert_close_rel(a, b, 1e-10)
+    for name, a, b in zip(OUT_NAMES[1:], fast[1], slow[1]):
+        assert_close_to_truth(name, a, b, 1e-10)
 
 
 @needs_ext
@@ -219,10 +203,9 @@ def test_cpu_mixture_matches_truth(ext, dims, dtype):
     out_t, grads_t = value_and_grads(truth_mixture_nll, rounded(inputs, dtype), grad, MIX_WRT)
     assert out.dtype == dtype and out.shape == (dims["B"],)
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
-    assert_close_rel(out, out_t, rtol)
-    for g, g_t in zip(grads, grads_t):
-        assert g.dtype == dtype
-        assert_close_rel(g, g_t, rtol)
+    for name, o, t in zip(MIX_NAMES, [out, *grads], [out_t, *grads_t]):
+        assert o.dtype == dtype
+        assert_close_to_truth(name, o, t, rtol)
 
 
 @needs_ext
@@ -233,9 +216,9 @@ def test_cpu_mixture_low_precision_error(ext, dtype):
     out, grads = value_and_grads(discretized_logistic_mixture_nll, inputs, grad, MIX_WRT, dtype)
     out_r, grads_r = value_and_grads(reference.discretized_logistic_mixture_nll, inputs, grad, MIX_WRT, dtype)
     out_t, grads_t = value_and_grads(truth_mixture_nll, inputs, grad, MIX_WRT)
-    assert out.dtype == dtype
-    for fast, ref, truth in [(out, out_r, out_t), *zip(grads, grads_r, grads_t)]:
-        assert_lowp_close(fast, ref, truth)
+    assert out.dtype == torch.float32 and all(g.dtype == dtype for g in grads)
+    for name, fast, ref, truth in zip(MIX_NAMES, [out, *grads], [out_r, *grads_r], [out_t, *grads_t]):
+        assert_within_ref_error(name, fast, ref, truth)
 
 
 @needs_ext
@@ -259,9 +242,8 @@ def test_cpu_mixture_and_reference_path_agree(ext, monkeypatch):
     fast = value_and_grads(discretized_logistic_mixture_nll, inputs, grad, MIX_WRT)
     monkeypatch.setattr(_dispatch, "extension_loaded", lambda: False)
     slow = value_and_grads(discretized_logistic_mixture_nll, inputs, grad, MIX_WRT)
-    assert_close_rel(fast[0], slow[0], 1e-9)
-    for a, b in zip(fast[1], slow[1]):
-        assert_close_rel(a, b, 1e-9)
+    for name, a, b in zip(MIX_NAMES, [fast[0], *fast[1]], [slow[0], *slow[1]]):
+        assert_close_to_truth(name, a, b, 1e-9)
 
 
 @needs_ext
@@ -278,21 +260,20 @@ def test_cpu_mixture_extreme_logits_and_tiny_scales(ext, dtype):
     out, grads = value_and_grads(discretized_logistic_mixture_nll, inputs, grad, MIX_WRT, dtype)
     out_t, grads_t = value_and_grads(truth_mixture_nll, rounded(inputs, dtype), grad, MIX_WRT)
     rtol = 1e-9 if dtype == torch.float64 else 5e-5
-    assert_close_rel(out, out_t, rtol)
-    for g, g_t in zip(grads, grads_t):
-        assert_close_rel(g, g_t, rtol)
+    for name, o, t in zip(MIX_NAMES, [out, *grads], [out_t, *grads_t]):
+        assert_close_to_truth(name, o, t, rtol)
 
 
 @needs_ext
 def test_cpu_mixture_saves_per_pixel_lse(ext):
     x, logit_probs, means, log_scales, coeffs = mixture_inputs(B=2, C=3, H_=3, W=4, K=2)
-    nll, lse = torch.ops.matnet.dlogistic_mix_nll_fwd(x, logit_probs, means, log_scales, coeffs)
+    nll, lse = torch.ops.matnet.discretized_logistic_mixture_nll_fwd(x, logit_probs, means, log_scales, coeffs)
     m = reference.mixture_channel_means(x, means, coeffs)
     lp = truth_log_bin_prob(x.unsqueeze(1), m, log_scales).sum(2)
     assert lse.shape == (2, 3, 4)
     assert max_err(lse, torch.logsumexp(lp + logit_probs, dim=1)) < 1e-10
-    half = torch.ops.matnet.dlogistic_mix_nll_fwd(*(t.half() for t in (x, logit_probs, means, log_scales, coeffs)))
-    assert half[0].dtype == torch.float16 and half[1].dtype == torch.float32
+    half = torch.ops.matnet.discretized_logistic_mixture_nll_fwd(*(t.half() for t in (x, logit_probs, means, log_scales, coeffs)))
+    assert half[0].dtype == torch.float32 and half[1].dtype == torch.float32  # never a bf16/fp16 total
 
 
 # ---- registration ----
@@ -322,12 +303,12 @@ def test_opcheck_public_ops(ext):
 @needs_ext
 def test_opcheck_raw_cpp_ops(ext):
     x, mean, log_scale = elementwise_inputs((3, 5), dtype=torch.float32)
-    torch.library.opcheck(torch.ops.matnet.dlogistic_nll_fwd.default, (x, mean, log_scale))
-    torch.library.opcheck(torch.ops.matnet.dlogistic_nll_bwd.default, (torch.ones_like(x), x, mean, log_scale))
+    torch.library.opcheck(torch.ops.matnet.discretized_logistic_nll_fwd.default, (x, mean, log_scale))
+    torch.library.opcheck(torch.ops.matnet.discretized_logistic_nll_bwd.default, (torch.ones_like(x), x, mean, log_scale))
     args = mixture_inputs(B=2, C=3, H_=2, W=3, K=2, dtype=torch.float32)
-    torch.library.opcheck(torch.ops.matnet.dlogistic_mix_nll_fwd.default, args)
-    _, lse = torch.ops.matnet.dlogistic_mix_nll_fwd(*args)
-    torch.library.opcheck(torch.ops.matnet.dlogistic_mix_nll_bwd.default, (torch.ones(2), *args, lse))
+    torch.library.opcheck(torch.ops.matnet.discretized_logistic_mixture_nll_fwd.default, args)
+    _, lse = torch.ops.matnet.discretized_logistic_mixture_nll_fwd(*args)
+    torch.library.opcheck(torch.ops.matnet.discretized_logistic_mixture_nll_bwd.default, (torch.ones(2), *args, lse))
 
 
 def test_x_gets_no_gradient():
@@ -343,14 +324,14 @@ def test_x_gets_no_gradient():
 
 def test_force_reference_env_calls_reference(monkeypatch):
     calls = []
-    for name in ("discretized_logistic_nll", "discretized_logistic_mixture_nll"):
+    for name in ("discretized_logistic_nll_fwd", "discretized_logistic_mixture_nll_fwd"):
         real = getattr(reference, name)
         monkeypatch.setattr(reference, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     monkeypatch.setenv("MATNET_FORCE_REFERENCE", "1")
     discretized_logistic_nll(*elementwise_inputs((3, 4)))
     discretized_logistic_mixture_nll(*mixture_inputs(B=1, C=3, H_=2, W=2, K=2))
-    assert calls == ["discretized_logistic_nll", "discretized_logistic_mixture_nll"]
-    assert not likelihood._use_extension(torch.zeros(1))  # the registered ops route to the reference too
+    assert calls == ["discretized_logistic_nll_fwd", "discretized_logistic_mixture_nll_fwd"]
+    assert likelihood.KERNELS.backend(torch.zeros(1)) == "reference"
 
 
 def test_without_extension_uses_reference(monkeypatch):
@@ -401,7 +382,7 @@ def test_mixture_input_validation():
 
 def _cuda_ext():
     if not _dispatch.extension_has_cuda():
-        pytest.skip("matnet._C was built without CUDA")
+        skip_gpu("matnet._C was built without CUDA")
 
 
 @needs_cuda
@@ -414,9 +395,9 @@ def test_cuda_dlogistic_matches_truth(dtype):
     out, grads = value_and_grads(discretized_logistic_nll, inputs, grad, (1, 2), dtype)
     out_r, grads_r = value_and_grads(reference.discretized_logistic_nll, inputs, grad, (1, 2), dtype)
     out_t, grads_t = value_and_grads(truth_nll, inputs, grad, (1, 2))
-    for fast, ref, truth in [(out, out_r, out_t), *zip(grads, grads_r, grads_t)]:
-        assert fast.is_cuda and fast.dtype == dtype
-        assert_lowp_close(fast, ref, truth, rtol=1e-4 if dtype in LOWP else 1e-5)
+    assert out.is_cuda and out.dtype == nll_dtype(dtype) and all(g.dtype == dtype for g in grads)
+    for name, fast, ref, truth in zip(OUT_NAMES, [out, *grads], [out_r, *grads_r], [out_t, *grads_t]):
+        assert_within_ref_error(name, fast, ref, truth)
 
 
 @needs_cuda
@@ -430,9 +411,9 @@ def test_cuda_mixture_matches_truth(dims, dtype):
     out, grads = value_and_grads(discretized_logistic_mixture_nll, inputs, grad, MIX_WRT, dtype)
     out_r, grads_r = value_and_grads(reference.discretized_logistic_mixture_nll, inputs, grad, MIX_WRT, dtype)
     out_t, grads_t = value_and_grads(truth_mixture_nll, inputs, grad, MIX_WRT)
-    for fast, ref, truth in [(out, out_r, out_t), *zip(grads, grads_r, grads_t)]:
-        assert fast.is_cuda and fast.dtype == dtype
-        assert_lowp_close(fast, ref, truth, rtol=1e-4 if dtype in LOWP else 1e-5)
+    assert out.is_cuda and out.dtype == nll_dtype(dtype) and all(g.dtype == dtype for g in grads)
+    for name, fast, ref, truth in zip(OUT_NAMES, [out, *grads], [out_r, *grads_r], [out_t, *grads_t]):
+        assert_within_ref_error(name, fast, ref, truth)
 
 
 @needs_cuda
@@ -454,8 +435,8 @@ def test_cuda_gradcheck_opcheck_and_stability():
     ones = torch.ones(2, device="cuda")
     out, grads = value_and_grads(discretized_logistic_mixture_nll, inputs, ones, MIX_WRT, torch.float32)
     out_t, grads_t = value_and_grads(truth_mixture_nll, rounded(inputs, torch.float32), ones, MIX_WRT)
-    for o, t in [(out, out_t), *zip(grads, grads_t)]:
-        assert_close_rel(o, t, 5e-5)
+    for name, o, t in zip(MIX_NAMES, [out, *grads], [out_t, *grads_t]):
+        assert_close_to_truth(name, o, t, 5e-5)
 
 
 def test_module_constants_match_reference():

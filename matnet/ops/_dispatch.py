@@ -1,7 +1,18 @@
-"""Which implementation an op runs: the Triton kernels, the C++/CUDA extension or the reference.
+"""The one dispatch rule of matnet's ops: which backend runs an op for tensors of a device and dtype.
 
-MATNET_FORCE_REFERENCE=1 routes every public op (and FastMatNet) to the plain-torch reference,
-for debugging and A/B runs. Load failures are logged once with their reason, never raised.
+Backends, by name:
+
+- "triton": `matnet.kernels.<module>.<op>_fwd / <op>_bwd` (CUDA tensors; needs triton);
+- "ext": `torch.ops.matnet.<op>_fwd / <op>_bwd`, the C++/CUDA kernels of matnet._C;
+- "reference": `matnet.ops.reference.<op>_fwd / <op>_bwd`, plain torch, for everything else.
+
+Each op's module declares a `Kernels` table: for each device the backends it has, in order of
+preference. `Kernels.backend(t)` takes the first one that supports t's dtype and is loaded, else the
+reference. MATNET_FORCE_REFERENCE=1 (read here and nowhere else) routes every op to its reference,
+public wrappers and FastMatNet included. Load failures are logged once with their reason, never raised.
+
+Autocast: `register_autocast` gives each registered op its rule. Convolution-like ops run in the
+autocast dtype; likelihoods and KL ("fp32" ops) compute and return fp32.
 """
 
 from __future__ import annotations
@@ -10,10 +21,17 @@ import functools
 import importlib
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from . import reference
+
 log = logging.getLogger("matnet.ops")
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+LOW_AND_FP32 = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def force_reference() -> bool:
@@ -27,33 +45,135 @@ def extension_loaded() -> bool:
         importlib.import_module("matnet._C")
         return True
     except Exception as e:  # ImportError, undefined symbols, ABI mismatch...
-        log.warning("matnet._C not available (%s: %s); using reference paths for the "
-                    "likelihood and sampling ops on CPU", type(e).__name__, e)
+        log.warning("matnet._C not available (%s: %s); its ops run their reference", type(e).__name__, e)
         return False
+
+
+def extension_has_cuda() -> bool:
+    return extension_loaded() and bool(torch.ops.matnet.cuda_enabled())
 
 
 @functools.cache
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")
-        importlib.import_module("matnet.kernels")  # absent when running from a tree that was never installed
+        importlib.import_module("matnet.kernels")
         return True
     except Exception as e:
-        log.warning("triton not available (%s); using reference paths on CUDA", e)
+        log.warning("triton kernels not available (%s); CUDA ops use the extension or the reference", e)
         return False
 
 
-def extension_has_cuda() -> bool:
-    return extension_loaded() and hasattr(torch.ops.matnet, "cuda_enabled") and bool(
-        torch.ops.matnet.cuda_enabled())
+def _loaded(backend: str, device: str) -> bool:
+    if backend == "triton":
+        return device == "cuda" and triton_available()
+    if backend == "ext":
+        return extension_loaded() and (device != "cuda" or extension_has_cuda())
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """An op's backends per device, in order of preference (the reference is always the last resort).
+
+    op: the registered name (`matnet::<op>`); its launchers are `<op>_fwd` and `<op>_bwd` in every
+    backend. triton: the module under `matnet.kernels` that holds the Triton launchers.
+    """
+
+    op: str
+    cuda: tuple[str, ...] = ()
+    cpu: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = FLOATS
+    triton: str | None = None
+
+    def backend(self, t: torch.Tensor) -> str:
+        return self.backend_for(t.device.type, t.dtype)
+
+    def backend_for(self, device: str, dtype: torch.dtype) -> str:
+        if force_reference() or dtype not in self.dtypes or device not in ("cuda", "cpu"):
+            return "reference"
+        return next((name for name in getattr(self, device) if _loaded(name, device)), "reference")
+
+    def _launcher(self, t: torch.Tensor, which: str) -> Callable:
+        name = f"{self.op}_{which}"
+        backend = self.backend(t)
+        if backend == "triton":
+            return getattr(importlib.import_module(f"matnet.kernels.{self.triton}"), name)
+        if backend == "ext":
+            return getattr(torch.ops.matnet, name)
+        return getattr(reference, name)
+
+    def fwd(self, t: torch.Tensor) -> Callable:
+        """The forward launcher for tensors like t."""
+        return self._launcher(t, "fwd")
+
+    def bwd(self, t: torch.Tensor) -> Callable:
+        """The backward launcher for tensors like t."""
+        return self._launcher(t, "bwd")
+
+
+_TABLES: dict[str, Kernels] = {}
+
+
+def kernels(**table) -> Kernels:
+    """Declares (and records, for `backends`) an op's table."""
+    k = Kernels(**table)
+    _TABLES[k.op] = k
+    return k
+
+
+def backends(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """{op: backend} that runs for tensors of this device type and dtype (for logs and scripts)."""
+    return {op: k.backend_for(device, dtype) for op, k in _TABLES.items()}
+
+
+# ---- autocast -------------------------------------------------------------------------------------
+
+
+def _cast(v, dtype: torch.dtype, device_type: str):
+    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.device.type == device_type \
+            and v.dtype != torch.float64:
+        return v.to(dtype)
+    return v
+
+
+def register_autocast(op, rule: str) -> None:
+    """Autocast kernels of a `torch.library.custom_op` for CPU and CUDA. rule "conv": floating inputs
+    are cast to the autocast dtype (bf16/fp16); "fp32": to fp32. fp64 inputs are left alone, and the
+    op then runs with autocast off, so direct `torch.ops.matnet.*` calls follow the same rule."""
+    if rule not in ("conv", "fp32"):
+        raise ValueError(f"rule must be 'conv' or 'fp32', got {rule!r}")
+    lib = torch.library.Library("matnet", "FRAGMENT")
+    _LIBS.append(lib)  # a registration lives as long as its Library object
+    name = op._name  # a CustomOpDef's name within the "matnet" namespace
+    for device_type in ("cpu", "cuda"):
+        def kernel(_keyset, *args, _dev=device_type):
+            dtype = torch.get_autocast_dtype(_dev) if rule == "conv" else torch.float32
+            with torch.autocast(_dev, enabled=False):
+                return op(*(_cast(a, dtype, _dev) for a in args))
+
+        lib.impl(name, kernel, "Autocast" + torch._C._dispatch_key_for_device(device_type), with_keyset=True)
+
+
+_LIBS: list[torch.library.Library] = []
+
+
+def autocasting(t: torch.Tensor) -> bool:
+    dev = t.device.type
+    return dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+
+
+# ---- input checks shared by every op's public wrapper ---------------------------------------------
 
 
 def check_like(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """Clear errors, before any kernel launch, for inputs whose dtype or device differ from `ref`'s."""
+    """Clear errors, before any kernel launch, for inputs whose dtype or device differ from `ref`'s.
+    Under autocast dtypes may differ: the op casts them."""
     if not isinstance(ref, torch.Tensor):
         raise TypeError(f"{name}: expected tensors, got {type(ref).__name__}")
     if not ref.is_floating_point():
         raise TypeError(f"{name}: expected floating-point tensors, got {ref.dtype}")
+    mixed_ok = autocasting(ref)
     for k, t in tensors.items():
         if t is None:
             continue
@@ -61,8 +181,13 @@ def check_like(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> 
             raise TypeError(f"{name}: {k} must be a tensor or None, got {type(t).__name__}")
         if t.device != ref.device:
             raise ValueError(f"{name}: {k} is on {t.device} but the first input is on {ref.device}")
-        if t.dtype != ref.dtype:
+        if t.dtype != ref.dtype and not (mixed_ok and t.is_floating_point()):
             raise TypeError(f"{name}: {k} has dtype {t.dtype} but the first input has {ref.dtype}")
+
+
+def check_dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = FLOATS) -> None:
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: unsupported dtype {t.dtype}, use one of {dtypes}")
 
 
 def check_same(name: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:

@@ -1,53 +1,37 @@
-"""Raster-order causal convolution (PixelCNN masks 'A' / 'B') as a registered op.
+"""Raster-order causal convolution (PixelCNN masks 'A' / 'B'): `masked_conv2d`.
 
-`masked_conv2d` validates its inputs, honours MATNET_FORCE_REFERENCE and calls
-`torch.ops.matnet.masked_conv2d`. CUDA tensors in fp32/fp16/bf16 run the Triton kernels of
-`matnet.kernels.masked_conv` (which visit only the unmasked taps of the x channels); anything
-else runs torch's convolution with the masked weight. The backward is its own op,
-`matnet::masked_conv2d_backward`; grad weight is zero on the masked taps.
+`matnet::masked_conv2d` and its backward `matnet::masked_conv2d_backward`; the Triton kernels visit only
+the unmasked taps of the x channels, and grad weight is zero on the masked taps. Under autocast the
+convolution runs in the autocast dtype.
 """
 
 import torch
-import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
 
-from . import reference
-from ._dispatch import check_4d, check_kernel, check_like, force_reference, side_channels
-from .residual import _use_triton
+from ._dispatch import LOW_AND_FP32, check_4d, check_kernel, check_like, kernels, register_autocast, side_channels
 
-
-def _full_mask(weight: torch.Tensor, cx: int, mask_type: str) -> torch.Tensor:
-    """[Co, Cx + Cc, k, k] multiplier: causal_mask on the first cx input channels, 1 elsewhere."""
-    mask = torch.ones_like(weight)
-    mask[:, :cx] = reference.causal_mask(weight.shape[-1], mask_type, weight.dtype, weight.device)
-    return mask
+#         device  backends, preferred first (else matnet.ops.reference: torch's convolution)
+KERNELS = kernels(op="masked_conv2d", cuda=("triton",), dtypes=LOW_AND_FP32, triton="masked_conv")
 
 
 @torch.library.custom_op("matnet::masked_conv2d", mutates_args=())
-def _masked_conv2d_op(
+def _masked_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     mask_type: str,
     cond: torch.Tensor | None,
 ) -> torch.Tensor:
-    if _use_triton(x):
-        from matnet.kernels.masked_conv import masked_conv2d_fwd
-
-        return masked_conv2d_fwd(x, weight, bias, mask_type, cond)
-    inp = x if cond is None else torch.cat([x, cond], dim=1)
-    w = weight * _full_mask(weight, x.shape[1], mask_type)
-    return F.conv2d(inp, w, bias, padding=weight.shape[-1] // 2)
+    return KERNELS.fwd(x)(x, weight, bias, mask_type, cond)
 
 
-@_masked_conv2d_op.register_fake
+@_masked_conv2d.register_fake
 def _(x, weight, bias, mask_type, cond):
     B, _, H, W = x.shape
     return x.new_empty(B, weight.shape[0], H, W)
 
 
 @torch.library.custom_op("matnet::masked_conv2d_backward", mutates_args=())
-def _masked_conv2d_backward_op(
+def _masked_conv2d_backward(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -55,23 +39,10 @@ def _masked_conv2d_backward_op(
     cond: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_bias, grad_cond); grad_cond is empty [0] without cond."""
-    if _use_triton(x):
-        from matnet.kernels.masked_conv import masked_conv2d_bwd
-
-        gx, gw, gb, gcond = masked_conv2d_bwd(grad_y, x, weight, mask_type, cond)
-        return gx, gw, gb, (x.new_empty(0) if gcond is None else gcond)
-    # explicit formulas (not autograd): the registered backward is checked by gradcheck on CPU
-    pad = weight.shape[-1] // 2
-    cx = x.shape[1]
-    mask = _full_mask(weight, cx, mask_type)
-    inp = x if cond is None else torch.cat([x, cond], dim=1)
-    ginp = conv2d_input(inp.shape, weight * mask, grad_y, padding=pad)
-    gw = conv2d_weight(inp, weight.shape, grad_y, padding=pad) * mask
-    gcond = x.new_empty(0) if cond is None else ginp[:, cx:].contiguous()
-    return ginp[:, :cx].contiguous(), gw, grad_y.sum((0, 2, 3)), gcond
+    return KERNELS.bwd(x)(grad_y, x, weight, mask_type, cond)
 
 
-@_masked_conv2d_backward_op.register_fake
+@_masked_conv2d_backward.register_fake
 def _(grad_y, x, weight, mask_type, cond):
     gcond = x.new_empty(0) if cond is None else torch.empty_like(cond)
     return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0]), gcond
@@ -86,11 +57,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, weight, cond = ctx.saved_tensors
-    gx, gw, gb, gcond = torch.ops.matnet.masked_conv2d_backward(grad_y, x, weight, ctx.mask_type, cond)
+    gx, gw, gb, gcond = _masked_conv2d_backward(grad_y, x, weight, ctx.mask_type, cond)
     return gx, gw, (gb if ctx.has_bias else None), None, (None if cond is None else gcond)
 
 
-_masked_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_masked_conv2d.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_masked_conv2d, "conv")
 
 
 def _validate(x, weight, bias, mask_type, cond) -> None:
@@ -122,6 +94,4 @@ def masked_conv2d(
     Cx input channels masked by `causal_mask(k, mask_type)`; bias: [Co] or None. Returns [B, Co, H, W].
     """
     _validate(x, weight, bias, mask_type, cond)
-    if force_reference():
-        return reference.masked_conv2d(x, weight, bias, mask_type, cond)
-    return torch.ops.matnet.masked_conv2d(x, weight, bias, mask_type, cond)
+    return _masked_conv2d(x, weight, bias, mask_type, cond)

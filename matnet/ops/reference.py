@@ -30,9 +30,7 @@ def residual_conv_block(
     h: [B, C, H, W]; extra: [B, E, H, W] or None; w1: [M, C+E, k, k]; w2: [C, M, k, k].
     The shared form of Eq. 7 (TD), Eq. 9 (BU) and Eq. 10 (merge).
     """
-    inp = h if extra is None else torch.cat([h, extra], dim=1)
-    a = F.leaky_relu(F.conv2d(inp, w1, b1, padding=w1.shape[-1] // 2), slope)
-    return F.leaky_relu(h + F.conv2d(a, w2, b2, padding=w2.shape[-1] // 2), slope)
+    return residual_conv_block_fwd(h, w1, b1, w2, b2, extra, slope)[0]
 
 
 def gaussian_sample_kl(
@@ -53,12 +51,18 @@ def gaussian_sample_kl(
     return z, kl
 
 
+def _fp32_at_least(*ts: torch.Tensor) -> list[torch.Tensor]:
+    # likelihoods are sums over thousands of pixels: computed and returned in fp32 (fp64 stays fp64)
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts]
+
+
 def _log_bin_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """log P(bin of x) under a logistic(mean, exp(log_scale)), 256 bins on [-1, 1].
 
     Interior bins use log(sigmoid(a) - sigmoid(b)) = a + log(-expm1(b - a)) - softplus(a) - softplus(b),
     exact without cancellation for any scale; edge bins integrate the tail.
     """
+    x, mean, log_scale = _fp32_at_least(x, mean, log_scale)
     inv_s = torch.exp(-log_scale)
     c = x - mean
     a = inv_s * (c + BIN_HALF_WIDTH)
@@ -73,7 +77,8 @@ def _log_bin_prob(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) 
 def discretized_logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Elementwise -log P(x) of a discretized logistic over 256 bins on [-1, 1].
 
-    x, mean, log_scale: one shape; x holds bin centres 2k/255 - 1. Returns that shape (nats).
+    x, mean, log_scale: one shape; x holds bin centres 2k/255 - 1. Returns that shape (nats), in fp32
+    for fp16/bf16 inputs.
     """
     return -_log_bin_prob(x, mean, log_scale)
 
@@ -109,13 +114,19 @@ def discretized_logistic_mixture_nll(
     """-log p(x) per example for a PixelCNN++ discretized logistic mixture.
 
     x: [B, C, H, W] in [-1, 1]; logit_probs: [B, K, H, W]; means, log_scales: [B, K, C, H, W];
-    coeffs: [B, K, C*(C-1)/2, H, W] (already squashed, e.g. tanh). Returns [B] nats.
+    coeffs: [B, K, C*(C-1)/2, H, W] (already squashed, e.g. tanh). Returns [B] nats (fp32 for fp16/bf16).
     p(x_ij) = sum_k pi_k prod_c DLogistic(x_cij; mean'_kc, s_kc), mean' from `mixture_channel_means`.
     """
-    m = mixture_channel_means(x, means, coeffs)
-    lp = _log_bin_prob(x.unsqueeze(1), m, log_scales).sum(dim=2)  # [B, K, H, W]
-    lp = lp + torch.log_softmax(logit_probs, dim=1)
+    lp = _mixture_component_log_probs(x, means, log_scales, coeffs)
+    lp = lp + torch.log_softmax(_fp32_at_least(logit_probs)[0], dim=1)
     return -torch.logsumexp(lp, dim=1).flatten(1).sum(dim=1)
+
+
+def _mixture_component_log_probs(x, means, log_scales, coeffs) -> torch.Tensor:
+    """[B, K, H, W]: log prod_c P(bin of x_c) under component k, in fp32 at least."""
+    x, means, log_scales, coeffs = _fp32_at_least(x, means, log_scales, coeffs)
+    m = mixture_channel_means(x, means, coeffs)
+    return _log_bin_prob(x.unsqueeze(1), m, log_scales).sum(dim=2)
 
 
 def causal_mask(kernel_size: int, mask_type: str, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -142,12 +153,15 @@ def masked_conv2d(
     x: [B, Cx, H, W]; cond: [B, Cc, H, W] or None; weight: [Co, Cx + Cc, k, k] (odd k), the first
     Cx input channels masked by `causal_mask(k, mask_type)`, the cond channels not; bias: [Co] or None.
     """
-    k = weight.shape[-1]
-    cx = x.shape[1]
-    mask = torch.ones_like(weight)
-    mask[:, :cx] = causal_mask(k, mask_type, weight.dtype, weight.device)
     inp = x if cond is None else torch.cat([x, cond], dim=1)
-    return F.conv2d(inp, weight * mask, bias, padding=k // 2)
+    return F.conv2d(inp, weight * full_causal_mask(weight, x.shape[1], mask_type), bias, padding=weight.shape[-1] // 2)
+
+
+def full_causal_mask(weight: torch.Tensor, cx: int, mask_type: str) -> torch.Tensor:
+    """weight's shape [Co, Cx + Cc, k, k]: causal_mask on the first cx input channels, 1 elsewhere."""
+    mask = torch.ones_like(weight)
+    mask[:, :cx] = causal_mask(weight.shape[-1], mask_type, weight.dtype, weight.device)
+    return mask
 
 
 # ---- densities used by the objective and by importance sampling (not fused ops) ----
@@ -168,3 +182,139 @@ def bernoulli_nll(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Elementwise -log N(x; mean, exp(logvar)) (a density, for continuous data)."""
     return -gaussian_log_prob(x, mean, logvar)
+
+
+# ---- each fast op's forward and backward, as its registered op computes them ----
+# `matnet::<op>` returns `<op>_fwd` (the value and what its backward needs) and `matnet::<op>_backward`
+# returns `<op>_bwd`. They are the reference backend of every op (see _dispatch.py), written in plain
+# torch; tests check each `<op>_bwd` against autograd through `<op>`.
+
+
+def residual_conv_block_fwd(h, w1, b1, w2, b2, extra, slope) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, a1): a1 = lrelu(conv([h; extra], w1) + b1) is what the backward needs."""
+    inp = h if extra is None else torch.cat([h, extra], dim=1)
+    a1 = F.leaky_relu(F.conv2d(inp, w1, b1, padding=w1.shape[-1] // 2), slope)
+    return F.leaky_relu(h + F.conv2d(a1, w2, b2, padding=w2.shape[-1] // 2), slope), a1
+
+
+def _conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
+    """(grad_x, grad_w, grad_b) of a stride-1 'same' conv in one call, as autograd's own backward does."""
+    p = w.shape[-1] // 2
+    return torch.ops.aten.convolution_backward(
+        grad, x, w, [w.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1, [True, True, True])
+
+
+def residual_conv_block_bwd(grad_out, h, extra, w1, w2, out, a1, slope):
+    """(grad_h, grad_extra, grad_w1, grad_b1, grad_w2, grad_b2); grad_extra is empty [0] without extra.
+    lrelu'(v) is read off the sign of its output (slope >= 0), one fused pass each."""
+    inp = h if extra is None else torch.cat([h, extra], dim=1)
+    g2 = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
+    ga1, gw2, gb2 = _conv_backward(g2, a1, w2)
+    g1 = torch.ops.aten.leaky_relu_backward(ga1, a1, slope, True)
+    ginp, gw1, gb1 = _conv_backward(g1, inp, w1)
+    C = h.shape[1]
+    gextra = h.new_empty(0) if extra is None else ginp[:, C:].contiguous()
+    return ginp[:, :C] + g2, gextra, gw1, gb1, gw2, gb2
+
+
+gaussian_sample_kl_fwd = gaussian_sample_kl
+
+
+def gaussian_sample_kl_bwd(grad_z, grad_kl, mu_q, logvar_q, mu_p, logvar_p, eps):
+    """Gradients wrt (mu_q, logvar_q, mu_p, logvar_p, eps), with s = exp(logvar_q / 2), r = exp(-logvar_p):
+    d mu_q = gz + gk d r, d logvar_q = (gz s eps + gk (s^2 r - 1)) / 2, d mu_p = -gk d r,
+    d logvar_p = gk (1 - (s^2 + d^2) r) / 2, d eps = gz s   (d = mu_q - mu_p)."""
+    s = torch.exp(0.5 * logvar_q)
+    r = torch.exp(-logvar_p)
+    d = mu_q - mu_p
+    v_r = s * s * r
+    dkl_dmu = d * r
+    return (
+        grad_z + grad_kl * dkl_dmu,
+        0.5 * (grad_z * s * eps + grad_kl * (v_r - 1.0)),
+        -grad_kl * dkl_dmu,
+        0.5 * grad_kl * (1.0 - v_r - d * dkl_dmu),
+        grad_z * s,
+    )
+
+
+def _bin_grads(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor):
+    """dL/dmean and dL/dlog_scale of L = _log_bin_prob(x, mean, log_scale):
+
+    interior: dL/dmean = -inv_s * (sigmoid(-a) - sigmoid(b)),
+              dL/dlog_scale = -(a*sigmoid(-a) - b*sigmoid(b) + u/expm1(u)),  u = a - b = 2h*inv_s
+    first bin: L = log sigmoid(a);  last bin: L = -softplus(b). (Derivation in csrc/matnet_math.h.)
+    """
+    inv_s = torch.exp(-log_scale)
+    c = x - mean
+    a = inv_s * (c + BIN_HALF_WIDTH)
+    b = inv_s * (c - BIN_HALF_WIDTH)
+    u = torch.clamp(2.0 * BIN_HALF_WIDTH * inv_s, min=torch.finfo(inv_s.dtype).tiny)
+    em = torch.expm1(-u)
+    u_over_expm1 = -u * (1.0 + em) / em
+    sig_neg_a = torch.sigmoid(-a)
+    sig_b = torch.sigmoid(b)
+    lo = x < -EDGE
+    hi = x > EDGE
+    d_mean = torch.where(lo, -inv_s * sig_neg_a, torch.where(hi, inv_s * sig_b, -inv_s * (sig_neg_a - sig_b)))
+    d_ls = torch.where(lo, -a * sig_neg_a, torch.where(hi, b * sig_b, -(a * sig_neg_a - b * sig_b + u_over_expm1)))
+    return d_mean, d_ls
+
+
+discretized_logistic_nll_fwd = discretized_logistic_nll
+
+
+def discretized_logistic_nll_bwd(grad, x, mean, log_scale):
+    """(grad mean, grad log_scale) in their dtypes; x is data and gets none."""
+    dtype = mean.dtype
+    grad, x, mean, log_scale = _fp32_at_least(grad, x, mean, log_scale)
+    d_mean, d_ls = _bin_grads(x, mean, log_scale)
+    return (-grad * d_mean).to(dtype), (-grad * d_ls).to(dtype)  # nll = -L
+
+
+def discretized_logistic_mixture_nll_fwd(x, logit_probs, means, log_scales, coeffs):
+    """(nll [B], lse [B, H, W]): lse = logsumexp_k(lp_k + logit_k) per pixel, all the backward keeps."""
+    lp = _mixture_component_log_probs(x, means, log_scales, coeffs)
+    logit_probs = _fp32_at_least(logit_probs)[0]
+    nll = -torch.logsumexp(lp + torch.log_softmax(logit_probs, dim=1), dim=1).flatten(1).sum(dim=1)
+    return nll, torch.logsumexp(lp + logit_probs, dim=1)
+
+
+def discretized_logistic_mixture_nll_bwd(grad, x, logit_probs, means, log_scales, coeffs, lse):
+    """Gradients wrt (logit_probs, means, log_scales, coeffs) for the upstream gradient g [B]:
+    w_k = exp(lp_k + logit_k - lse), d/dlogit_k = g*(softmax(logit)_k - w_k),
+    d/dmeans_kc = -g*w_k*dL_kc/dmean', d/dlog_scales_kc = -g*w_k*dL_kc/dlog_scale,
+    d/dcoeffs_k,pair(j,c) = d/dmeans_kc * x_j."""
+    dtype = means.dtype
+    x, logit_probs, means, log_scales, coeffs = _fp32_at_least(x, logit_probs, means, log_scales, coeffs)
+    C = x.shape[1]
+    xk = x.unsqueeze(1)
+    m = mixture_channel_means(x, means, coeffs)
+    lp = _log_bin_prob(xk, m, log_scales).sum(dim=2)
+    d_mean, d_ls = _bin_grads(xk, m, log_scales)
+    w = torch.exp(lp + logit_probs - lse.to(lp.dtype).unsqueeze(1))
+    g = grad.to(lp.dtype).view(-1, 1, 1, 1)
+    g_logit = g * (torch.softmax(logit_probs, dim=1) - w)
+    gw = (-g * w).unsqueeze(2)
+    g_means = gw * d_mean
+    g_coeffs = torch.empty_like(coeffs)
+    for c in range(1, C):
+        for j in range(c):
+            g_coeffs[:, :, _pair_index(j, c)] = g_means[:, :, c] * x[:, j].unsqueeze(1)
+    return tuple(t.to(dtype) for t in (g_logit, g_means, gw * d_ls, g_coeffs))
+
+
+masked_conv2d_fwd = masked_conv2d
+
+
+def masked_conv2d_bwd(grad_y, x, weight, mask_type, cond):
+    """(grad_x, grad_weight, grad_bias, grad_cond); grad_weight is zero on the masked taps and grad_cond
+    empty [0] without cond."""
+    pad = weight.shape[-1] // 2
+    cx = x.shape[1]
+    mask = full_causal_mask(weight, cx, mask_type)
+    inp = x if cond is None else torch.cat([x, cond], dim=1)
+    ginp = torch.nn.grad.conv2d_input(inp.shape, weight * mask, grad_y, padding=pad)
+    gw = torch.nn.grad.conv2d_weight(inp, weight.shape, grad_y, padding=pad) * mask
+    gcond = x.new_empty(0) if cond is None else ginp[:, cx:].contiguous()
+    return ginp[:, :cx].contiguous(), gw, grad_y.sum((0, 2, 3)), gcond

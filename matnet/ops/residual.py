@@ -1,29 +1,30 @@
-"""The fused residual conv block (paper Eq. 7, 9, 10) as a registered op.
+"""The fused residual conv block (paper Eq. 7, 9, 10): `residual_conv_block`.
 
     out = lrelu(h + conv(a1, w2) + b2),   a1 = lrelu(conv([h; extra], w1) + b1)
 
-`residual_conv_block` validates its inputs, honours MATNET_FORCE_REFERENCE and calls
-`torch.ops.matnet.residual_conv_block`, which returns (out, a1): a1 is what the backward needs
-(lrelu' is read off the sign of a1 and out, slope >= 0). CUDA tensors in fp32/fp16/bf16 run the
-Triton kernels of `matnet.kernels.residual_conv`; anything else runs torch's convolutions. The
-backward is its own op, `matnet::residual_conv_block_backward`, so both trace under torch.compile.
+`matnet::residual_conv_block` returns (out, a1): a1 is what the backward needs (lrelu' is read off the
+sign of a1 and out, slope >= 0); `matnet::residual_conv_block_backward` is the backward, so both
+trace under torch.compile. Under autocast the block runs in the autocast dtype.
 """
 
 import torch
-import torch.nn.functional as F
 
-from . import reference
-from ._dispatch import check_4d, check_kernel, check_like, force_reference, side_channels, triton_available
+from ._dispatch import (
+    LOW_AND_FP32,
+    check_4d,
+    check_kernel,
+    check_like,
+    kernels,
+    register_autocast,
+    side_channels,
+)
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda and t.dtype in _TRITON_DTYPES and triton_available()
+#         device  backends, preferred first (else matnet.ops.reference: torch's convolutions)
+KERNELS = kernels(op="residual_conv_block", cuda=("triton",), dtypes=LOW_AND_FP32, triton="residual_conv")
 
 
 @torch.library.custom_op("matnet::residual_conv_block", mutates_args=())
-def _residual_conv_block_op(
+def _residual_conv_block(
     h: torch.Tensor,
     w1: torch.Tensor,
     b1: torch.Tensor | None,
@@ -32,24 +33,17 @@ def _residual_conv_block_op(
     extra: torch.Tensor | None,
     slope: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton(h):
-        from matnet.kernels.residual_conv import residual_conv_block_fwd
-
-        return residual_conv_block_fwd(h, w1, b1, w2, b2, extra, slope)
-    inp = h if extra is None else torch.cat([h, extra], dim=1)
-    a1 = F.leaky_relu(F.conv2d(inp, w1, b1, padding=w1.shape[-1] // 2), slope)
-    out = F.leaky_relu(h + F.conv2d(a1, w2, b2, padding=w2.shape[-1] // 2), slope)
-    return out, a1
+    return KERNELS.fwd(h)(h, w1, b1, w2, b2, extra, slope)
 
 
-@_residual_conv_block_op.register_fake
+@_residual_conv_block.register_fake
 def _(h, w1, b1, w2, b2, extra, slope):
     B, _, H, W = h.shape
     return h.new_empty(h.shape), h.new_empty(B, w1.shape[0], H, W)
 
 
 @torch.library.custom_op("matnet::residual_conv_block_backward", mutates_args=())
-def _residual_conv_block_backward_op(
+def _residual_conv_block_backward(
     grad_out: torch.Tensor,
     h: torch.Tensor,
     extra: torch.Tensor | None,
@@ -60,32 +54,10 @@ def _residual_conv_block_backward_op(
     slope: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_h, grad_extra, grad_w1, grad_b1, grad_w2, grad_b2); grad_extra is empty [0] without extra."""
-    if _use_triton(h):
-        from matnet.kernels.residual_conv import residual_conv_block_bwd
-
-        gh, gextra, gw1, gb1, gw2, gb2 = residual_conv_block_bwd(grad_out, h, extra, w1, w2, out, a1, slope)
-        return gh, (h.new_empty(0) if gextra is None else gextra), gw1, gb1, gw2, gb2
-    # explicit formulas (not autograd): the registered backward is checked by gradcheck on CPU
-    inp = h if extra is None else torch.cat([h, extra], dim=1)
-    # lrelu' read off the sign of its output (slope > 0), one fused pass each
-    g2 = torch.ops.aten.leaky_relu_backward(grad_out, out, slope, True)
-    ga1, gw2, gb2 = _conv_backward(g2, a1, w2)
-    g1 = torch.ops.aten.leaky_relu_backward(ga1, a1, slope, True)
-    ginp, gw1, gb1 = _conv_backward(g1, inp, w1)
-    C = h.shape[1]
-    gh = ginp[:, :C] + g2
-    gextra = h.new_empty(0) if extra is None else ginp[:, C:].contiguous()
-    return gh, gextra, gw1, gb1, gw2, gb2
+    return KERNELS.bwd(h)(grad_out, h, extra, w1, w2, out, a1, slope)
 
 
-def _conv_backward(grad: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
-    """(grad_x, grad_w, grad_b) of a stride-1 'same' conv in one call, as autograd's own backward does."""
-    p = w.shape[-1] // 2
-    return torch.ops.aten.convolution_backward(
-        grad, x, w, [w.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1, [True, True, True])
-
-
-@_residual_conv_block_backward_op.register_fake
+@_residual_conv_block_backward.register_fake
 def _(grad_out, h, extra, w1, w2, out, a1, slope):
     gextra = h.new_empty(0) if extra is None else torch.empty_like(extra)
     return (torch.empty_like(h), gextra, torch.empty_like(w1), w1.new_empty(w1.shape[0]),
@@ -103,14 +75,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_a1):
     h, extra, w1, w2, out, a1 = ctx.saved_tensors
-    gh, gextra, gw1, gb1, gw2, gb2 = torch.ops.matnet.residual_conv_block_backward(
-        grad_out, h, extra, w1, w2, out, a1, ctx.slope)
+    gh, gextra, gw1, gb1, gw2, gb2 = _residual_conv_block_backward(grad_out, h, extra, w1, w2, out, a1, ctx.slope)
     has_b1, has_b2 = ctx.has_b
     return (gh, gw1, gb1 if has_b1 else None, gw2, gb2 if has_b2 else None,
             None if extra is None else gextra, None)
 
 
-_residual_conv_block_op.register_autograd(_backward, setup_context=_setup_context)
+_residual_conv_block.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_residual_conv_block, "conv")
 
 
 def _validate(h, w1, b1, w2, b2, extra, slope) -> None:
@@ -150,6 +122,4 @@ def residual_conv_block(
     w2: [C, M, k2, k2]; b2: [C] or None; odd k; slope >= 0. Returns [B, C, H, W].
     """
     _validate(h, w1, b1, w2, b2, extra, slope)
-    if force_reference():
-        return reference.residual_conv_block(h, w1, b1, w2, b2, extra, slope)
-    return torch.ops.matnet.residual_conv_block(h, w1, b1, w2, b2, extra, float(slope))[0]
+    return _residual_conv_block(h, w1, b1, w2, b2, extra, float(slope))[0]

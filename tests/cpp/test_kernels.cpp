@@ -164,9 +164,9 @@ void test_dlogistic(at::ScalarType dt, double rtol, double grad_rtol) {
     }
   }
   const at::Tensor x = tensor_of(xs, dt), mean = tensor_of(ms, dt), ls = tensor_of(ss, dt);
-  const at::Tensor nll = matnet::cpu::dlogistic_nll_fwd(x, mean, ls);
+  const at::Tensor nll = matnet::cpu::discretized_logistic_nll_fwd(x, mean, ls);
   const at::Tensor grad = at::full_like(x, 1.5);
-  const auto [g_mean, g_ls] = matnet::cpu::dlogistic_nll_bwd(grad, x, mean, ls);
+  const auto [g_mean, g_ls] = matnet::cpu::discretized_logistic_nll_bwd(grad, x, mean, ls);
   const std::string tag = std::string("dlogistic ") + c10::toString(dt);
   for (int64_t n = 0; n < x.numel(); ++n) {
     const ld xv = at_(x, n), mv = at_(mean, n), sv = at_(ls, n);
@@ -260,14 +260,15 @@ void test_mixture(int64_t C, int64_t K, at::ScalarType dt, double rtol, double g
   };
   m.x = back(x), m.logit = back(logit), m.means = back(means), m.ls = back(ls), m.coeffs = back(coeffs);
 
-  const auto [nll, lse] = matnet::cpu::dlogistic_mix_nll_fwd(x, logit, means, ls, coeffs);
+  const auto [nll, lse] = matnet::cpu::discretized_logistic_mixture_nll_fwd(x, logit, means, ls, coeffs);
   const std::string tag =
       "mixture C=" + std::to_string(C) + " K=" + std::to_string(K) + " " + c10::toString(dt);
   check(lse.sizes() == at::IntArrayRef({B, H, W}), tag + " lse shape");
   for (int64_t b = 0; b < B; ++b) check_close(at_(nll, b), naive_mixture_nll(m, b), rtol, tag + " nll");
 
-  const at::Tensor grad = tensor_of({0.5, -2.0}, dt);
-  const auto grads = matnet::cpu::dlogistic_mix_nll_bwd(grad, x, logit, means, ls, coeffs, lse);
+  check(nll.scalar_type() == matnet::lse_dtype(dt), tag + " nll in fp32 (fp64 for fp64 inputs)");
+  const at::Tensor grad = tensor_of({0.5, -2.0}, matnet::lse_dtype(dt));
+  const auto grads = matnet::cpu::discretized_logistic_mixture_nll_bwd(grad, x, logit, means, ls, coeffs, lse);
   const std::vector<std::pair<std::vector<double>*, at::Tensor>> params = {{&m.logit, std::get<0>(grads)},
                                                                            {&m.means, std::get<1>(grads)},
                                                                            {&m.ls, std::get<2>(grads)},
@@ -297,32 +298,32 @@ void test_mixture(int64_t C, int64_t K, at::ScalarType dt, double rtol, double g
 void test_dispatcher() {
   auto& d = c10::Dispatcher::singleton();
   for (const char* name :
-       {"matnet::gaussian_sample_kl_fwd", "matnet::gaussian_sample_kl_bwd", "matnet::dlogistic_nll_fwd",
-        "matnet::dlogistic_nll_bwd", "matnet::dlogistic_mix_nll_fwd", "matnet::dlogistic_mix_nll_bwd",
+       {"matnet::gaussian_sample_kl_fwd", "matnet::gaussian_sample_kl_bwd", "matnet::discretized_logistic_nll_fwd",
+        "matnet::discretized_logistic_nll_bwd", "matnet::discretized_logistic_mixture_nll_fwd", "matnet::discretized_logistic_mixture_nll_bwd",
         "matnet::cuda_enabled"}) {
     check(d.findSchema({name, ""}).has_value(), std::string("registered: ") + name);
   }
   const auto cuda_enabled = d.findSchemaOrThrow("matnet::cuda_enabled", "").typed<bool()>();
   check(!cuda_enabled.call(), "cuda_enabled() is false in a CPU-only build");
 
-  const auto fwd = d.findSchemaOrThrow("matnet::dlogistic_nll_fwd", "")
+  const auto fwd = d.findSchemaOrThrow("matnet::discretized_logistic_nll_fwd", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
   const at::Tensor x = at::tensor({-1.0f, 0.0f, 1.0f}), m = at::zeros({3}), s = at::full({3}, -2.0f);
   const at::Tensor out = fwd.call(x, m, s);
-  check_close(at_(out, 1), -naive_log_prob(0, 0, -2), 1e-5, "dispatcher dlogistic_nll_fwd");
+  check_close(at_(out, 1), -naive_log_prob(0, 0, -2), 1e-5, "dispatcher discretized_logistic_nll_fwd");
   const at::Tensor meta = fwd.call(x.to(at::kMeta), m.to(at::kMeta), s.to(at::kMeta));
-  check(meta.is_meta() && meta.sizes() == x.sizes(), "Meta kernel of dlogistic_nll_fwd");
+  check(meta.is_meta() && meta.sizes() == x.sizes(), "Meta kernel of discretized_logistic_nll_fwd");
 
   const auto mix =
-      d.findSchemaOrThrow("matnet::dlogistic_mix_nll_fwd", "")
+      d.findSchemaOrThrow("matnet::discretized_logistic_mixture_nll_fwd", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     const at::Tensor&, const at::Tensor&)>();
   const auto o = at::TensorOptions().device(at::kMeta).dtype(at::kHalf);
   const auto [nll, lse] =
       mix.call(at::empty({2, 3, 4, 5}, o), at::empty({2, 6, 4, 5}, o), at::empty({2, 6, 3, 4, 5}, o),
                at::empty({2, 6, 3, 4, 5}, o), at::empty({2, 6, 3, 4, 5}, o));
-  check(nll.sizes() == at::IntArrayRef({2}) && nll.scalar_type() == at::kHalf,
-        "Meta mixture nll: [B], input dtype");
+  check(nll.sizes() == at::IntArrayRef({2}) && nll.scalar_type() == at::kFloat,
+        "Meta mixture nll: [B] fp32");
   check(lse.sizes() == at::IntArrayRef({2, 4, 5}) && lse.scalar_type() == at::kFloat,
         "Meta mixture lse: [B,H,W] fp32");
 
