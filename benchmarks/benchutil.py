@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 import torch
 
+from matnet.ops._dispatch import conv_fp32_precision
+
 QUICK_ENV = "MATNET_BENCH_QUICK"  # 1: shrink every shape (also on for --benchmark-disable)
 NO_COMPILE_ENV = "MATNET_BENCH_NO_COMPILE"  # 1: skip the torch.compile(MatNet) benchmarks
 THREADS_ENV = "MATNET_BENCH_THREADS"  # N: torch CPU threads (default: torch's own; 1 in quick mode)
@@ -171,7 +173,7 @@ def record(benchmark, *, op: str, case: Case | str, impl: str, mode: str, dev: t
         "force_reference": env_flag("MATNET_FORCE_REFERENCE"),
     }
     if dev.type == "cuda":
-        info["tf32"] = bool(torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32)
+        info["tf32"] = conv_fp32_precision() == "tf32"  # what fp32 convolutions (cuDNN and matnet's) may use
         info["cuda"] = torch.version.cuda
     info.update(more)
     benchmark.extra_info.update(info)

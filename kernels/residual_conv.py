@@ -229,14 +229,20 @@ def _conv_wgrad_kernel(
 
 
 def _blocks(P: int, N: int, C: int, block_sizes: tuple[int, int, int] | None) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_N, BLOCK_K). tl.dot needs every dim >= 16. The interpreter pays per program,
-    so it takes one large pixel tile; GPU sizes are sensible defaults, not tuned."""
+    """(BLOCK_P, BLOCK_N, BLOCK_K) of both conv kernels. tl.dot needs every dim >= 16. The interpreter
+    pays per program, so it takes one large pixel tile. On a GPU, 64-pixel tiles with GPU_WARPS warps
+    compile for sm_90 with no spills and at most 123 KB of shared memory for every preset's config
+    (benchmarks/kernel_report.py); 128-pixel tiles with 4 warps spilled up to 2.8 KB, and the fp32
+    weight gradient with its lrelu' gate needed 240 KB (an H100 has 227 KB). Not tuned for speed."""
     if block_sizes is not None:
         return block_sizes
     bn = min(max(triton.next_power_of_2(N), 16), 64)
     if interpreting():
         return min(max(triton.next_power_of_2(P), 16), 512), bn, min(max(triton.next_power_of_2(C), 16), 64)
-    return 128, bn, min(max(triton.next_power_of_2(C), 16), 32)
+    return 64, bn, min(max(triton.next_power_of_2(C), 16), 32)
+
+
+GPU_WARPS = 8
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -305,7 +311,7 @@ def launch_conv(
             HAS_X2=x2 is not None and C2 > 0, GATE_X1=x1_gate is not None, HAS_BIAS=bias is not None,
             HAS_RES=res is not None, GATE_RES=res_gate is not None, ACT=act, SPLIT_Y=y2 is not None,
             LOWP=lowp, DOT_PREC=prec, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK,
-            num_warps=4,
+            num_warps=GPU_WARPS,
         )
     for y, tmp in staged:
         if tmp is not y:
@@ -347,10 +353,8 @@ def weight_grad(
     c_tot = sum(0 if x is None else x.shape[1] for x, _ in sources)
     c_max = max([0] + [x.shape[1] for x, _ in sources if x is not None])
     BP, BN, BC = _blocks(P, N, c_max, block_sizes)
-    if block_sizes is None and not interpreting() and g.dtype == torch.float32:
-        # fp32 tiles of 128 pixels (g, its gate and x) need 240 KB of shared memory over the pipeline's
-        # 3 stages, above an H100's 227 KB; 64 pixels need 120 KB (compiled for sm_90)
-        BP = 64
+    if block_sizes is None and not interpreting():
+        BN = max(BN, 64)  # N is the dot's M here, and Hopper's wgmma needs M >= 64 (else mma.sync)
     lowp, prec = dot_mode(g.dtype)
     tiles = triton.cdiv(N, BN) * triton.cdiv(max(c_max, 1), BC) * kk
     n_split = _wgrad_split(P, tiles, BP, g.device, split)
@@ -371,7 +375,7 @@ def weight_grad(
                     float(slope),
                     K=k, GATE_G=g_gate is not None, WITH_BIAS=not bias_done,
                     LOWP=lowp, DOT_PREC=prec, BLOCK_P=BP, BLOCK_N=BN, BLOCK_C=BC,
-                    num_warps=4,
+                    num_warps=GPU_WARPS,
                 )
                 bias_done = True
             c_off += C

@@ -405,8 +405,8 @@ def test_inference_feeds_posterior_samples_to_the_td_network(monkeypatch, fc):
     mu_q + sigma_q * eps of q (the merge module's posterior), not prior or posterior means."""
     torch.manual_seed(4)
     eps = []
-    randn_like = torch.randn_like
-    monkeypatch.setattr(torch, "randn_like", lambda t: eps.append(randn_like(t)) or eps[-1])
+    noise = MatNet.noise
+    monkeypatch.setattr(MatNet, "noise", lambda self, shape, device: eps.append(noise(self, shape, device)) or eps[-1])
     cfg = MatNetConfig.preset("mnist_fc", fc_width=16, z_channels=3, nz0=4) if fc else small_cfg()
     _check_posterior_feeds_td(cfg, eps)
 

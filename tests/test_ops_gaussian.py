@@ -8,7 +8,6 @@ from helpers import (
     LOWP,
     assert_close_to_truth,
     assert_within_ref_error,
-    max_err,
     needs_cuda,
     needs_ext,
     needs_triton,

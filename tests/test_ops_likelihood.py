@@ -272,7 +272,8 @@ def test_cpu_mixture_saves_per_pixel_lse(ext):
     lp = truth_log_bin_prob(x.unsqueeze(1), m, log_scales).sum(2)
     assert lse.shape == (2, 3, 4)
     assert max_err(lse, torch.logsumexp(lp + logit_probs, dim=1)) < 1e-10
-    half = torch.ops.matnet.discretized_logistic_mixture_nll_fwd(*(t.half() for t in (x, logit_probs, means, log_scales, coeffs)))
+    halves = (t.half() for t in (x, logit_probs, means, log_scales, coeffs))
+    half = torch.ops.matnet.discretized_logistic_mixture_nll_fwd(*halves)
     assert half[0].dtype == torch.float32 and half[1].dtype == torch.float32  # never a bf16/fp16 total
 
 
@@ -304,7 +305,8 @@ def test_opcheck_public_ops(ext):
 def test_opcheck_raw_cpp_ops(ext):
     x, mean, log_scale = elementwise_inputs((3, 5), dtype=torch.float32)
     torch.library.opcheck(torch.ops.matnet.discretized_logistic_nll_fwd.default, (x, mean, log_scale))
-    torch.library.opcheck(torch.ops.matnet.discretized_logistic_nll_bwd.default, (torch.ones_like(x), x, mean, log_scale))
+    torch.library.opcheck(torch.ops.matnet.discretized_logistic_nll_bwd.default,
+                          (torch.ones_like(x), x, mean, log_scale))
     args = mixture_inputs(B=2, C=3, H_=2, W=3, K=2, dtype=torch.float32)
     torch.library.opcheck(torch.ops.matnet.discretized_logistic_mixture_nll_fwd.default, args)
     _, lse = torch.ops.matnet.discretized_logistic_mixture_nll_fwd(*args)

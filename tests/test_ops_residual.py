@@ -303,3 +303,4 @@ def test_torch_compile_inductor_forward():
     torch._dynamo.reset()
     assert_fn_within_ref_error("inductor", torch.compile(f, fullgraph=True), f,
                                [d["h"], d["extra"], d["w1"], d["b1"], d["w2"], d["b2"]])
+

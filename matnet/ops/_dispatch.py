@@ -127,6 +127,20 @@ def backends(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict[st
     return {op: k.backend_for(device, dtype) for op, k in _TABLES.items()}
 
 
+def conv_fp32_precision() -> str:
+    """'tf32' or 'ieee': what torch allows fp32 convolutions to use, so matnet's fp32 convs follow the same
+    setting as cuDNN's. Read through the fp32_precision API where it exists (reading the legacy flag raises
+    once a program has set the new one), else through cudnn.allow_tf32."""
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    if conv is None:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    # "none" inherits from the enclosing level: cudnn, then the global setting
+    for p in (conv, getattr(torch.backends.cudnn, "fp32_precision", "none"), torch.backends.fp32_precision):
+        if p != "none":
+            return "tf32" if p == "tf32" else "ieee"
+    return "ieee"
+
+
 # ---- autocast -------------------------------------------------------------------------------------
 
 

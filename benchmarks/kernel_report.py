@@ -1,0 +1,302 @@
+"""Static report of matnet's Triton kernels compiled for a GPU architecture, with no GPU.
+
+    python benchmarks/kernel_report.py --arch sm_90 [--json FILE] [--markdown] [--presets mnist,omniglot,cifar10]
+
+Which configs: every preset's FastMatNet forward + backward runs once on the CPU with the reference ops,
+recording the shape of each op call; each call is then replayed through the Triton launchers on meta
+tensors, at the preset's batch size and in fp32, bf16 and fp16, and every kernel launch they make
+(kernel, argument dtypes, constexprs, warps) is recorded instead of run. Each distinct launch is compiled
+for the architecture (Triton targets it without a GPU) and reported: registers per thread, spilled
+bytes (ptxas), shared memory, and whether the code uses tensor-core MMA (wgmma on sm_90, mma before)
+and asynchronous copies (cp.async, TMA).
+
+Exits 1 when a kernel spills, needs more shared memory than the architecture has, or when a bf16/fp16
+convolution does not use the tensor-core MMA of the architecture. Integer arguments are compiled
+without the divisibility hints the runtime may add, so registers can differ slightly from a launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, never interpret (before any @triton.jit runs)
+
+import torch  # noqa: E402
+
+SHARED_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376}  # bytes per block (opt-in maximum)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+            torch.int32: "i32", torch.int64: "i64"}
+PRESET_BATCH = {"mnist": 100, "omniglot": 100, "cifar10": 64}
+
+
+@dataclass
+class Launch:
+    kernel: str
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int | None
+    where: str  # the op and preset that launch it first
+
+    def key(self) -> str:
+        return json.dumps([self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages],
+                          sort_keys=True, default=str)
+
+
+@dataclass
+class Row:
+    kernel: str
+    where: str
+    dtype: str
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    tensor_core_mma: bool
+    async_copy: bool
+    tma: bool
+    problems: list
+
+
+# ---- recording ---------------------------------------------------------------------------------
+
+
+def record_op_calls(preset: str) -> list[tuple[str, tuple]]:
+    """(op, args) of every reference fwd/bwd call of one FastMatNet training step of `preset`."""
+    import matnet
+    from matnet.ops import reference
+
+    calls = []
+    names = ["residual_conv_block", "masked_conv2d", "gaussian_sample_kl"]
+    saved = {}
+    for name in names:
+        for which in ("fwd", "bwd"):
+            attr = f"{name}_{which}"
+            real = getattr(reference, attr)
+            saved[attr] = real
+
+            def spy(*args, _real=real, _attr=attr):
+                calls.append((_attr, args))
+                return _real(*args)
+
+            setattr(reference, attr, spy)
+    os.environ["MATNET_FORCE_REFERENCE"] = "1"
+    try:
+        cfg = matnet.MatNetConfig.preset(preset)
+        model = matnet.FastMatNet(cfg)
+        shape = (2, cfg.image_channels, cfg.image_size, cfg.image_size)
+        x = torch.bernoulli(torch.full(shape, 0.5)) if cfg.likelihood == "bernoulli" else torch.rand(shape) * 2 - 1
+        model(x).loss.backward()
+    finally:
+        os.environ.pop("MATNET_FORCE_REFERENCE")
+        for attr, real in saved.items():
+            setattr(reference, attr, real)
+    return calls
+
+
+def _meta_like(a, batch: int | None, dtype: torch.dtype):
+    """A float tensor as an empty meta tensor in `dtype`, with its batch dimension set to `batch` (None:
+    a weight or bias, kept as it is); anything else as it is."""
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        return a
+    shape = list(a.shape) if batch is None or a.dim() == 0 else [batch] + list(a.shape[1:])
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def triton_kernels() -> dict:
+    """name -> @triton.jit function, for every Triton kernel of matnet."""
+    from matnet.kernels import gaussian_sample_kl as G
+    from matnet.kernels import residual_conv as RC
+
+    ks = (RC._conv_same_kernel, RC._conv_wgrad_kernel, G._gaussian_sample_kl_fwd_kernel,
+          G._gaussian_sample_kl_bwd_kernel)
+    return {k.__name__: k for k in ks}
+
+
+@contextlib.contextmanager
+def capturing(sink: dict, where: dict):
+    """Within it, a launch of any matnet Triton kernel is recorded in `sink` (key -> Launch, the first of
+    each distinct config, attributed to where["op"]) instead of run."""
+    kernels = list(triton_kernels().values())
+    originals = {k: k.run for k in kernels}
+
+    def make_run(k):
+        def run(*args, grid=None, warmup=False, **kw):
+            sig = {}
+            for name, a in zip(k.arg_names, args):
+                if isinstance(a, torch.Tensor):
+                    sig[name] = "*" + TL_NAMES[a.dtype]
+                elif isinstance(a, bool):
+                    sig[name] = "i1"
+                elif isinstance(a, int):
+                    sig[name] = "i64" if abs(a) >= 2**31 else "i32"
+                elif isinstance(a, float):
+                    sig[name] = "fp32"
+            consts = {n: v for n, v in kw.items() if n in k.arg_names}
+            launch = Launch(k.__name__, sig, consts, kw.get("num_warps", 4), kw.get("num_stages"), where["op"])
+            sink.setdefault(launch.key(), launch)
+        return run
+
+    for k in kernels:
+        k.run = make_run(k)
+    try:
+        yield
+    finally:
+        for k, r in originals.items():
+            k.run = r
+
+
+def replay(calls, batch: int, dtype: torch.dtype, preset: str, sink: dict) -> None:
+    """Runs the Triton launchers of the recorded calls on meta tensors, recording their launches."""
+    from matnet.kernels import gaussian_sample_kl as G
+    from matnet.kernels import masked_conv as MC
+    from matnet.kernels import residual_conv as RC
+
+    launchers = {"residual_conv_block": RC, "masked_conv2d": MC, "gaussian_sample_kl": G}
+    weights = {  # which arguments are weights or biases (no batch dimension)
+        "residual_conv_block_fwd": {1, 2, 3, 4}, "residual_conv_block_bwd": {3, 4},
+        "masked_conv2d_fwd": {1, 2}, "masked_conv2d_bwd": {2},
+    }
+    where = {"op": ""}
+    with capturing(sink, where):
+        for attr, args in calls:
+            op, which = attr.rsplit("_", 1)
+            where["op"] = f"{op} {which} ({preset})"
+            w = weights.get(attr, set())
+            meta = [(_meta_like(a, None, dtype) if i in w else _meta_like(a, batch, dtype))
+                    for i, a in enumerate(args)]
+            getattr(launchers[op], attr)(*meta)
+
+
+# ---- compiling ---------------------------------------------------------------------------------
+
+
+def compile_launch(launch: Launch, kernels: dict, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernels[launch.kernel]
+    sig = dict(launch.signature)
+    sig.update({k: "constexpr" for k in launch.constexprs})
+    opts = {"num_warps": launch.num_warps}
+    if launch.num_stages is not None:
+        opts["num_stages"] = launch.num_stages
+    return triton.compile(ASTSource(fn, sig, constexprs=launch.constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=opts)
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    """(registers per thread, spilled bytes: stores + loads) from `ptxas -v`."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        tool = get_ptxas(arch)
+    except TypeError:  # older Triton: no argument
+        tool = get_ptxas()
+    ptxas = tool.path if hasattr(tool, "path") else tool[0] if isinstance(tool, tuple) else tool
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return regs, spills
+
+
+def analyse(launch: Launch, kernels: dict, arch: int) -> Row:
+    k = compile_launch(launch, kernels, arch)
+    ptx = k.asm["ptx"]
+    regs, spills = ptxas_usage(ptx, arch)
+    shared = int(k.metadata.shared)
+    mma = ("wgmma" in ptx) if arch >= 90 else ("mma.sync" in ptx or "wgmma" in ptx)
+    dtypes = {t.lstrip("*") for t in launch.signature.values() if t.startswith("*")}
+    dtype = "bf16" if "bf16" in dtypes else "fp16" if "fp16" in dtypes else "fp64" if "fp64" in dtypes else "fp32"
+    c = launch.constexprs
+    shown = {n: v for n, v in c.items() if n != "LOWP" and not (n == "DOT_PREC" and c.get("LOWP"))}
+    config = ", ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in shown.items())
+    config += f", warps={launch.num_warps}"
+    problems = []
+    if spills:
+        problems.append(f"spills {spills} bytes")
+    if shared > SHARED_LIMIT.get(arch, SHARED_LIMIT[90]):
+        problems.append(f"shared memory {shared} > {SHARED_LIMIT.get(arch, SHARED_LIMIT[90])}")
+    if c.get("LOWP") and "conv" in launch.kernel and not mma:
+        problems.append("low-precision convolution without tensor-core MMA")
+    return Row(launch.kernel, launch.where, dtype, config, regs, spills, shared, mma,
+               "cp.async" in ptx, "cp.async.bulk" in ptx, problems)
+
+
+def collect(presets: list[str], dtypes: list[str]) -> list[Launch]:
+    sink: dict[str, Launch] = {}
+    for preset in presets:
+        calls = record_op_calls(preset)
+        for d in dtypes:
+            replay(calls, PRESET_BATCH.get(preset, 100), DTYPES[d], preset, sink)
+    return list(sink.values())
+
+
+def markdown(rows: list[Row], arch: int) -> str:
+    head = (f"| kernel | first launched by | dtype | config | regs | spill B | smem KB | "
+            f"{'wgmma' if arch >= 90 else 'mma'} | cp.async | TMA | problems |")
+    lines = [head, "|---|---|---|---|---:|---:|---:|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.kernel} | {r.where} | {r.dtype} | {r.config} | {r.registers} | {r.spill_bytes} | "
+                     f"{r.shared_bytes / 1024:.1f} | {'yes' if r.tensor_core_mma else 'no'} | "
+                     f"{'yes' if r.async_copy else 'no'} | {'yes' if r.tma else 'no'} | {'; '.join(r.problems)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="sm_90", help="sm_XX (default sm_90)")
+    p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table (for benchmarks/RESULTS.md)")
+    p.add_argument("--presets", default="mnist,omniglot,cifar10", help="comma-separated presets")
+    p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16")
+    a = p.parse_args(argv)
+    m = re.fullmatch(r"sm_(\d+)a?", a.arch)
+    if not m:
+        print(f"kernel_report: --arch must look like sm_90, got {a.arch!r}", file=sys.stderr)
+        return 2
+    arch = int(m.group(1))
+    bad = [d for d in a.dtypes.split(",") if d not in DTYPES]
+    if bad:
+        print(f"kernel_report: unknown dtype(s) {bad}; use fp32, bf16, fp16", file=sys.stderr)
+        return 2
+    kernels = triton_kernels()
+    launches = collect(a.presets.split(","), a.dtypes.split(","))
+    rows = []
+    for i, launch in enumerate(launches):
+        print(f"[{i + 1}/{len(launches)}] {launch.kernel} ({launch.where})", file=sys.stderr)
+        rows.append(analyse(launch, kernels, arch))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"arch": a.arch, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    if a.markdown:
+        print(markdown(rows, arch))
+    else:
+        for r in rows:
+            print(f"{r.kernel:34s} {r.dtype:5s} regs {r.registers:3d} spill {r.spill_bytes:4d} "
+                  f"smem {r.shared_bytes:7d} mma {int(r.tensor_core_mma)} async {int(r.async_copy)} "
+                  f"{r.config} {'; '.join(r.problems)}")
+    problems = [r for r in rows if r.problems]
+    print(f"{len(rows)} kernel configs compiled for {a.arch}; {len(problems)} with problems", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

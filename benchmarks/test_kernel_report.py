@@ -1,0 +1,48 @@
+"""The static sm_90 report's checks catch what they claim to catch. Runs in a subprocess: the report
+compiles for a GPU, so it must import Triton without TRITON_INTERPRET (which this session sets)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+PROBE = """
+import json, sys, torch
+sys.path.insert(0, {here!r})
+import kernel_report as kr
+from matnet.kernels import residual_conv as RC
+
+def wgrad(dtype, blocks):
+    g = torch.empty(100, 32, 28, 28, dtype=dtype, device="meta")
+    x = torch.empty(100, 32, 28, 28, dtype=dtype, device="meta")
+    sink = {{}}
+    with kr.capturing(sink, {{"op": "probe"}}):
+        RC.weight_grad(g, [(x, 9)], 3, g_gate=g, block_sizes=blocks)
+    (launch,) = sink.values()
+    return kr.analyse(launch, kr.triton_kernels(), 90).problems
+
+print(json.dumps({{
+    "bf16_default": wgrad(torch.bfloat16, None),
+    "bf16_m32": wgrad(torch.bfloat16, (64, 32, 32)),
+    "fp32_huge": wgrad(torch.float32, (256, 128, 64)),
+}}))
+"""
+
+
+def test_report_flags_spills_shared_memory_and_missing_wgmma():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = str(Path(__file__).parent)
+    out = subprocess.run([sys.executable, "-c", PROBE.format(here=here)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    problems = json.loads(out.stdout.strip().splitlines()[-1])
+    assert problems["bf16_default"] == []  # what the launcher picks on a GPU is clean
+    # a 32-row tile cannot use wgmma (M >= 64), so the bf16 weight gradient falls back to mma.sync
+    assert any("without tensor-core MMA" in p for p in problems["bf16_m32"])
+    # 256x128 + 256x64 fp32 tiles with a gate need far more than 227 KB of shared memory, or spill
+    assert any("shared memory" in p or "spills" in p for p in problems["fp32_huge"])

@@ -1,0 +1,74 @@
+"""Unsupervised clustering accuracy (paper Fig. 3; the mixture prior's components as clusters).
+
+Clusters are matched to classes, then accuracy = fraction of examples whose cluster's class is
+their label:
+- K <= C clusters (K == C is the usual protocol, e.g. MNIST with K = 10): a one-to-one matching
+  that maximises the number of correct examples (Hungarian, ``scipy.optimize.linear_sum_assignment``);
+- K > C: each cluster takes its majority label (several clusters may share a class), the usual rule
+  for over-clustering, e.g. K = 50 on Omniglot.
+Class ids are 0..C-1 with C = max(label) + 1; cluster ids are 0..K-1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+__all__ = ["cluster_accuracy", "match_clusters", "confusion"]
+
+IntArray = np.ndarray | torch.Tensor | Sequence[int]
+
+
+def _ids(name: str, x: IntArray) -> np.ndarray:
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(a.shape)}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer ids, got dtype {a.dtype}")
+    if a.size and a.min() < 0:
+        raise ValueError(f"{name} must be non-negative, got {int(a.min())}")
+    return a.astype(np.int64)
+
+
+def confusion(assign: IntArray, labels: IntArray, n_clusters: int | None = None) -> np.ndarray:
+    """Counts [K, C]: entry (k, c) is the number of examples in cluster k with label c."""
+    a, y = _ids("assign", assign), _ids("labels", labels)
+    if len(a) != len(y):
+        raise ValueError(f"assign and labels differ in length: {len(a)} vs {len(y)}")
+    if len(a) == 0:
+        raise ValueError("assign and labels are empty")
+    k_min = int(a.max()) + 1
+    if n_clusters is None:
+        n_clusters = k_min
+    elif isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < k_min:
+        raise ValueError(f"n_clusters must be an integer >= max(assign) + 1 = {k_min}, got {n_clusters!r}")
+    n_classes = int(y.max()) + 1
+    return np.bincount(a * n_classes + y, minlength=n_clusters * n_classes).reshape(n_clusters, n_classes)
+
+
+def _match(conf: np.ndarray) -> np.ndarray:
+    n_k, n_c = conf.shape
+    if n_k > n_c:
+        return conf.argmax(axis=1)  # an empty cluster gets class 0 but holds no examples
+    rows, cols = linear_sum_assignment(conf, maximize=True)  # K <= C: every cluster gets a distinct class
+    out = np.empty(n_k, dtype=np.int64)
+    out[rows] = cols
+    return out
+
+
+def match_clusters(assign: IntArray, labels: IntArray, n_clusters: int | None = None) -> np.ndarray:
+    """The class of each cluster, [K] int64: a one-to-one (Hungarian) matching when K <= C, the
+    majority label of each cluster when K > C."""
+    return _match(confusion(assign, labels, n_clusters))
+
+
+def cluster_accuracy(assign: IntArray, labels: IntArray, n_clusters: int | None = None) -> float:
+    """Fraction of examples whose cluster is matched to their label (see the module docstring for
+    the matching rule). ``assign`` and ``labels`` are 1-D non-negative integer ids of equal length
+    (tensors, arrays or lists); ``n_clusters`` defaults to max(assign) + 1 and should be the
+    model's K, so that empty components still count when choosing the rule."""
+    conf = confusion(assign, labels, n_clusters)
+    return float(conf[np.arange(conf.shape[0]), _match(conf)].sum() / conf.sum())
