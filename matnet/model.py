@@ -147,6 +147,13 @@ class MatNet(UsesOps, nn.Module):
             groups[j].reverse()
         return groups
 
+    def feature_layout(self) -> torch.memory_format:
+        """channels_last when the model's conv weights are (`model.to(memory_format=torch.channels_last)`):
+        the feature maps then stay channels_last end to end, converted once where the FC top meets them."""
+        w = self.out.weight
+        cl = w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+        return torch.channels_last if cl else torch.contiguous_format
+
     def noise(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
         """N(0, I) noise in the parameters' dtype, drawn in fp32 whatever that dtype: an fp64 copy of the
         model then sees the very same draws (the accuracy tests judge fp32 against such a copy)."""
@@ -169,7 +176,7 @@ class MatNet(UsesOps, nn.Module):
         mu0, logvar0 = self.top.encode(bu[0][0])  # f_0^b reads the final BU state
         zeros = torch.zeros_like(mu0)
         z0 = self._stochastic(mu0, logvar0, zeros, zeros, trace)
-        h_t = self.top.decode(z0)
+        h_t = self.top.decode(z0).contiguous(memory_format=self.feature_layout())
         h_m = torch.zeros_like(h_t)
         for j, (tds, merges) in enumerate(zip(self.td, self.merge)):
             if j > 0:
@@ -185,7 +192,7 @@ class MatNet(UsesOps, nn.Module):
         """Generation pass (Eq. 1, 7, 8): z0 ~ N(0, I), z_i ~ p(z_i | h_t(i))."""
         p = next(self.parameters())
         z0 = temperature * self.noise((n, self.cfg.nz0), p.device)
-        h_t = self.top.decode(z0)
+        h_t = self.top.decode(z0).contiguous(memory_format=self.feature_layout())
         for j, tds in enumerate(self.td):
             if j > 0:
                 h_t = self.td_up[j - 1](h_t)

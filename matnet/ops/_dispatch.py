@@ -141,6 +141,41 @@ def conv_fp32_precision() -> str:
     return "ieee"
 
 
+# ---- memory layout --------------------------------------------------------------------------------
+# Every op keeps the layout of its first input: channels_last in, channels_last out (so a channels_last
+# model never converts between modules), anything else in, contiguous NCHW out. Fake kernels use the
+# same rule, so torch.compile sees the real strides.
+
+
+def layout(t: torch.Tensor) -> torch.memory_format:
+    """channels_last if t is a 4-d channels_last tensor (and not also plain contiguous), else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_in_layout(like: torch.Tensor, shape=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor of `shape` (default: like's) in like's layout (see `layout`)."""
+    shape = like.shape if shape is None else shape
+    fmt = layout(like) if len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+def to_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t in like's layout (a no-op when it already is): what every op returns for an output shaped like `like`."""
+    fmt = layout(like) if t.dim() == 4 else torch.contiguous_format
+    return t.contiguous(memory_format=fmt)
+
+
+def elementwise(kernel, ts: list[torch.Tensor], like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Runs an elementwise kernel that wants contiguous inputs on `ts`, in the layout of `like`: for
+    channels_last, the inputs go in as contiguous NHWC views and the outputs come back channels_last."""
+    if layout(like) is torch.channels_last:
+        views = [t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1) for t in ts]
+        return tuple(o.permute(0, 3, 1, 2) if o.dim() == 4 else o for o in kernel(*views))
+    return tuple(kernel(*(t.contiguous() for t in ts)))
+
+
 # ---- autocast -------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_dtype, check_same, kernels, register_autocast
+from ._dispatch import check_dtype, check_same, elementwise, empty_in_layout, kernels, register_autocast
 
 #         device  backends, preferred first (else matnet.ops.reference)
 KERNELS = kernels(op="gaussian_sample_kl", cuda=("triton", "ext"), cpu=("ext",), triton="gaussian_sample_kl")
@@ -18,13 +18,12 @@ KERNELS = kernels(op="gaussian_sample_kl", cuda=("triton", "ext"), cpu=("ext",),
 def _gaussian_sample_kl(
     mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor, logvar_p: torch.Tensor, eps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = [t.contiguous() for t in (mu_q, logvar_q, mu_p, logvar_p, eps)]
-    return tuple(KERNELS.fwd(mu_q)(*args))
+    return elementwise(KERNELS.fwd(mu_q), [mu_q, logvar_q, mu_p, logvar_p, eps], mu_q)
 
 
 @_gaussian_sample_kl.register_fake
 def _(mu_q, logvar_q, mu_p, logvar_p, eps):
-    return tuple(torch.empty_like(mu_q, memory_format=torch.contiguous_format) for _ in range(2))
+    return tuple(empty_in_layout(mu_q) for _ in range(2))
 
 
 @torch.library.custom_op("matnet::gaussian_sample_kl_backward", mutates_args=())
@@ -37,13 +36,12 @@ def _gaussian_sample_kl_backward(
     logvar_p: torch.Tensor,
     eps: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = [t.contiguous() for t in (grad_z, grad_kl, mu_q, logvar_q, mu_p, logvar_p, eps)]
-    return tuple(KERNELS.bwd(mu_q)(*args))
+    return elementwise(KERNELS.bwd(mu_q), [grad_z, grad_kl, mu_q, logvar_q, mu_p, logvar_p, eps], mu_q)
 
 
 @_gaussian_sample_kl_backward.register_fake
 def _(grad_z, grad_kl, mu_q, logvar_q, mu_p, logvar_p, eps):
-    return tuple(torch.empty_like(mu_q, memory_format=torch.contiguous_format) for _ in range(5))
+    return tuple(empty_in_layout(mu_q) for _ in range(5))
 
 
 def _setup_context(ctx, inputs, output):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import check_dtype, check_like, check_same, kernels, register_autocast
+from ._dispatch import check_dtype, check_like, check_same, elementwise, empty_in_layout, kernels, register_autocast
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -19,7 +19,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fp32_at_least(*ts: torch.Tensor) -> list[torch.Tensor]:
-    return [t.contiguous().to(_acc_dtype(t.dtype)) for t in ts]
+    return [t.to(_acc_dtype(t.dtype)) for t in ts]
 
 
 # ---- elementwise discretized logistic ----
@@ -31,25 +31,26 @@ KERNELS = kernels(op="discretized_logistic_nll", cuda=("ext",), cpu=("ext",))
 @torch.library.custom_op("matnet::discretized_logistic_nll", mutates_args=())
 def _discretized_logistic_nll(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     # the kernels keep one dtype in and out: fp16/bf16 inputs are read as fp32, for an fp32 result
-    return KERNELS.fwd(x)(*_fp32_at_least(x, mean, log_scale))
+    kernel = KERNELS.fwd(x)
+    return elementwise(lambda *a: (kernel(*a),), _fp32_at_least(x, mean, log_scale), x)[0]
 
 
 @_discretized_logistic_nll.register_fake
 def _(x, mean, log_scale):
-    return torch.empty_like(x, memory_format=torch.contiguous_format, dtype=_acc_dtype(x.dtype))
+    return empty_in_layout(x, dtype=_acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("matnet::discretized_logistic_nll_backward", mutates_args=())
 def _discretized_logistic_nll_backward(
     grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    g_mean, g_ls = KERNELS.bwd(x)(*_fp32_at_least(grad, x, mean, log_scale))
+    g_mean, g_ls = elementwise(KERNELS.bwd(x), _fp32_at_least(grad, x, mean, log_scale), mean)
     return g_mean.to(mean.dtype), g_ls.to(log_scale.dtype)
 
 
 @_discretized_logistic_nll_backward.register_fake
 def _(grad, x, mean, log_scale):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (mean, log_scale))
+    return empty_in_layout(mean), empty_in_layout(mean, dtype=log_scale.dtype)
 
 
 def _setup_context(ctx, inputs, output):

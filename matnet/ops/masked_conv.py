@@ -7,7 +7,17 @@ convolution runs in the autocast dtype.
 
 import torch
 
-from ._dispatch import LOW_AND_FP32, check_4d, check_kernel, check_like, kernels, register_autocast, side_channels
+from ._dispatch import (
+    LOW_AND_FP32,
+    check_4d,
+    check_kernel,
+    check_like,
+    empty_in_layout,
+    kernels,
+    register_autocast,
+    side_channels,
+    to_layout,
+)
 
 #         device  backends, preferred first (else matnet.ops.reference: torch's convolution)
 KERNELS = kernels(op="masked_conv2d", cuda=("triton",), dtypes=LOW_AND_FP32, triton="masked_conv")
@@ -21,13 +31,13 @@ def _masked_conv2d(
     mask_type: str,
     cond: torch.Tensor | None,
 ) -> torch.Tensor:
-    return KERNELS.fwd(x)(x, weight, bias, mask_type, cond)
+    return to_layout(KERNELS.fwd(x)(x, weight, bias, mask_type, cond), x)
 
 
 @_masked_conv2d.register_fake
 def _(x, weight, bias, mask_type, cond):
     B, _, H, W = x.shape
-    return x.new_empty(B, weight.shape[0], H, W)
+    return empty_in_layout(x, (B, weight.shape[0], H, W))
 
 
 @torch.library.custom_op("matnet::masked_conv2d_backward", mutates_args=())
@@ -39,13 +49,14 @@ def _masked_conv2d_backward(
     cond: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_x, grad_weight, grad_bias, grad_cond); grad_cond is empty [0] without cond."""
-    return KERNELS.bwd(x)(grad_y, x, weight, mask_type, cond)
+    gx, gw, gb, gcond = KERNELS.bwd(x)(grad_y, x, weight, mask_type, cond)
+    return to_layout(gx, x), to_layout(gw, weight), gb, gcond if cond is None else to_layout(gcond, cond)
 
 
 @_masked_conv2d_backward.register_fake
 def _(grad_y, x, weight, mask_type, cond):
-    gcond = x.new_empty(0) if cond is None else torch.empty_like(cond)
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0]), gcond
+    gcond = x.new_empty(0) if cond is None else empty_in_layout(cond)
+    return empty_in_layout(x), empty_in_layout(weight), weight.new_empty(weight.shape[0]), gcond
 
 
 def _setup_context(ctx, inputs, output):

@@ -213,7 +213,7 @@ def residual_conv_block_bwd(grad_out, h, extra, w1, w2, out, a1, slope):
     g1 = torch.ops.aten.leaky_relu_backward(ga1, a1, slope, True)
     ginp, gw1, gb1 = _conv_backward(g1, inp, w1)
     C = h.shape[1]
-    gextra = h.new_empty(0) if extra is None else ginp[:, C:].contiguous()
+    gextra = h.new_empty(0) if extra is None else ginp[:, C:]
     return ginp[:, :C] + g2, gextra, gw1, gb1, gw2, gb2
 
 
@@ -316,5 +316,5 @@ def masked_conv2d_bwd(grad_y, x, weight, mask_type, cond):
     inp = x if cond is None else torch.cat([x, cond], dim=1)
     ginp = torch.nn.grad.conv2d_input(inp.shape, weight * mask, grad_y, padding=pad)
     gw = torch.nn.grad.conv2d_weight(inp, weight.shape, grad_y, padding=pad) * mask
-    gcond = x.new_empty(0) if cond is None else ginp[:, cx:].contiguous()
-    return ginp[:, :cx].contiguous(), gw, grad_y.sum((0, 2, 3)), gcond
+    gcond = x.new_empty(0) if cond is None else ginp[:, cx:]
+    return ginp[:, :cx], gw, grad_y.sum((0, 2, 3)), gcond  # the registered op sets the layout

@@ -14,9 +14,11 @@ from ._dispatch import (
     check_4d,
     check_kernel,
     check_like,
+    empty_in_layout,
     kernels,
     register_autocast,
     side_channels,
+    to_layout,
 )
 
 #         device  backends, preferred first (else matnet.ops.reference: torch's convolutions)
@@ -33,13 +35,14 @@ def _residual_conv_block(
     extra: torch.Tensor | None,
     slope: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return KERNELS.fwd(h)(h, w1, b1, w2, b2, extra, slope)
+    out, a1 = KERNELS.fwd(h)(h, w1, b1, w2, b2, extra, slope)
+    return to_layout(out, h), to_layout(a1, h)
 
 
 @_residual_conv_block.register_fake
 def _(h, w1, b1, w2, b2, extra, slope):
     B, _, H, W = h.shape
-    return h.new_empty(h.shape), h.new_empty(B, w1.shape[0], H, W)
+    return empty_in_layout(h), empty_in_layout(h, (B, w1.shape[0], H, W))
 
 
 @torch.library.custom_op("matnet::residual_conv_block_backward", mutates_args=())
@@ -54,14 +57,16 @@ def _residual_conv_block_backward(
     slope: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_h, grad_extra, grad_w1, grad_b1, grad_w2, grad_b2); grad_extra is empty [0] without extra."""
-    return KERNELS.bwd(h)(grad_out, h, extra, w1, w2, out, a1, slope)
+    gh, gextra, gw1, gb1, gw2, gb2 = KERNELS.bwd(h)(grad_out, h, extra, w1, w2, out, a1, slope)
+    gextra = gextra if extra is None else to_layout(gextra, extra)
+    return to_layout(gh, h), gextra, to_layout(gw1, w1), gb1, to_layout(gw2, w2), gb2
 
 
 @_residual_conv_block_backward.register_fake
 def _(grad_out, h, extra, w1, w2, out, a1, slope):
-    gextra = h.new_empty(0) if extra is None else torch.empty_like(extra)
-    return (torch.empty_like(h), gextra, torch.empty_like(w1), w1.new_empty(w1.shape[0]),
-            torch.empty_like(w2), w2.new_empty(w2.shape[0]))
+    gextra = h.new_empty(0) if extra is None else empty_in_layout(extra)
+    return (empty_in_layout(h), gextra, empty_in_layout(w1), w1.new_empty(w1.shape[0]),
+            empty_in_layout(w2), w2.new_empty(w2.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
