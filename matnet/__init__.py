@@ -20,9 +20,11 @@ def _kernels_from_source_tree() -> None:
 _kernels_from_source_tree()
 
 from . import clustering, masks, ops  # noqa: E402
+from .conditional import ConditionalMatNet, FastConditionalMatNet  # noqa: E402
 from .config import PRESETS, MatNetConfig  # noqa: E402
 from .fast_model import FastMatNet  # noqa: E402
 from .model import MatNet, MatNetOutput  # noqa: E402
 
 __all__ = ["MatNetConfig", "PRESETS", "MatNet", "FastMatNet", "MatNetOutput", "ops", "clustering", "masks"]
+__all__ += ["ConditionalMatNet", "FastConditionalMatNet"]
 __version__ = "0.1.0"

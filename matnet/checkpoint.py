@@ -1,51 +1,94 @@
-"""Checkpoints: written atomically, with the config, and checked on load."""
+"""Checkpoints you can trust, and the lock that keeps one run per folder.
+
+File format (version 2): a 9-byte magic ``MATNETCK\\x02``, the 64 hex digits of the SHA-256 of the
+payload, a newline, then the payload: a ``torch.save`` of a dict of tensors and plain Python values
+(configs as dicts, no pickled objects). Loading checks the digest first and unpickles with
+``weights_only=True``, so a damaged file is refused by name and a crafted one runs no code.
+Writes are atomic (temp file in the same folder, fsync, rename): a crash or a full disk leaves the
+previous checkpoint untouched."""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from .config import MatNetConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAGIC = b"MATNETCK\x02"
+_DIGEST_LEN = 64
 REQUIRED_KEYS = ("format_version", "config", "model")
+TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".lock"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or not a matnet checkpoint."""
+    """A checkpoint that is missing, damaged, unsafe or not a matnet checkpoint."""
+
+
+class DiskFullError(OSError):
+    """No space left while writing a checkpoint; the previous one is still in place."""
+
+    exit_code = 4
+
+
+class FolderLockedError(RuntimeError):
+    """Another live run holds the run folder."""
+
+
+def _write(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically: a temp file in the same folder, fsync, then rename,
-    so a crash mid-write never leaves a truncated checkpoint behind."""
+    """Write `state` to `path` atomically with a SHA-256 of its payload."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    payload = buf.getbuffer()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            _write(f, MAGIC + digest + b"\n")
+            _write(f, payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+            raise DiskFullError(e.errno, f"disk full while writing {path} ({os.strerror(e.errno)}); {kept}") from e
         raise
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`, after checking its digest."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    raw = path.read_bytes()
+    head = len(MAGIC) + _DIGEST_LEN + 1
+    if not raw.startswith(MAGIC):
+        raise CheckpointError(f"{path} is not a matnet checkpoint of format {FORMAT_VERSION} "
+                              "(files from matnet before checksummed checkpoints cannot be verified; retrain)")
+    payload = memoryview(raw)[head:]
+    if hashlib.sha256(payload).hexdigest().encode() != raw[len(MAGIC): head - 1]:
+        raise CheckpointError(f"{path} is damaged: its SHA-256 does not match the stored one (refusing to use it)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # torch raises many types for truncated / foreign files
-        raise CheckpointError(f"corrupt or unreadable checkpoint {path}: {type(e).__name__}: {e}") from e
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as e:  # an intact digest over a payload torch refuses: not ours, or unsafe
+        raise CheckpointError(f"unreadable checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
         raise CheckpointError(f"{path} is not a matnet checkpoint (missing {missing})")
@@ -53,6 +96,62 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path} has format version {state['format_version']}; "
                               f"this matnet reads up to {FORMAT_VERSION}")
     return state
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete `*.tmp` files left in `folder` by killed writers. Call only while holding its lock."""
+    gone = []
+    for p in Path(folder).glob("*" + TMP_SUFFIX):
+        if p.is_file():
+            p.unlink()
+            gone.append(p)
+    return gone
+
+
+class RunLock:
+    """An exclusive lock on a run folder: `flock` on `<folder>/.lock`, which holds the owner's pid.
+
+    The kernel drops the lock when its process dies, so a lock left by a killed run (its pid
+    gone) is simply taken over."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / LOCK_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise FolderLockedError(f"{self.path.parent} is in use by another run (pid {owner}); "
+                                        "wait for it, stop it, or choose another --out") from e
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (removing it would race)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", fast: bool = False,

@@ -4,10 +4,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic", "logistic_mixture")
+
+
+def _type_ok(v: Any, tp: Any) -> bool:
+    """Whether `v` fits the annotation `tp` (ints pass as floats, bools never pass as numbers)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(v, a) for a in args)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if origin is tuple:
+        if not isinstance(v, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_type_ok(x, args[0]) for x in v)
+        return len(v) == len(args) and all(_type_ok(x, a) for x, a in zip(v, args))
+    if origin in (list, dict):
+        return isinstance(v, origin)
+    return not isinstance(tp, type) or isinstance(v, tp)  # other annotation forms are not checked
+
+
+def check_field_types(obj: Any) -> None:
+    """Raise ValueError naming the first dataclass field of `obj` whose value has the wrong type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if not _type_ok(v, hints[f.name]):
+            want = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            raise ValueError(f"{f.name} must be {want}, got {v!r} ({type(v).__name__})")
 
 
 @dataclass
@@ -47,6 +86,11 @@ class MatNetConfig:
     ema_rate: float = 0.0  # 0 disables EMA weights
     steps: int = 100_000
     extra: dict[str, Any] = field(default_factory=dict)
+    # conditional MatNets (Eq. 3, 4, 6) and the two-stage inpainting models of section 3 (matnet.conditional)
+    stages: int = 1  # conditional MatNets in a chain; stage s > 1 reads stage s-1's guess at the missing pixels
+    cond_fill: tuple[float, ...] = ()  # missing pixels' value before the networks see them: the training mean,
+    #   one per channel or one for all; () = mid-range (0.5 binary, 0 for 8-bit) until `set_fill` sets it
+    stage_recon_weight: float = 1.0  # loss weight of each earlier stage's own -log p(x^u | z, x^k); 0: the plain bound
 
     def __post_init__(self) -> None:
         self.modules_per_scale = tuple(int(n) for n in self.modules_per_scale)
@@ -54,6 +98,15 @@ class MatNetConfig:
         self.validate()
 
     def validate(self) -> None:
+        check_field_types(self)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be a finite number > 0, got {self.grad_clip}")
+        if not self.skip_threshold >= 0:  # also rejects NaN; inf is fine (never skip on size)
+            raise ValueError(f"skip_threshold must be >= 0 (0: off), got {self.skip_threshold}")
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
         for name in ("image_channels", "image_size", "channels", "z_channels", "nz0", "fc_width", "n_mixtures",
                      "batch_size", "fc_modules"):
             if int(getattr(self, name)) < 1:
@@ -87,6 +140,7 @@ class MatNetConfig:
             raise ValueError("the autoregressive decoder needs a convolutional MatNet (fully_connected=False)")
         if self.ar_layers and self.likelihood == "gaussian":
             raise ValueError("the autoregressive decoder needs a discrete likelihood")
+        validate_conditional(self)
 
     @property
     def scale_sizes(self) -> tuple[int, ...]:
@@ -129,6 +183,20 @@ class MatNetConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
+
+
+def validate_conditional(cfg: MatNetConfig) -> None:
+    """Checks of the conditional-MatNet block (normalises cond_fill to a tuple of floats)."""
+    if cfg.stages < 1:
+        raise ValueError(f"stages must be >= 1, got {cfg.stages}")
+    cfg.cond_fill = tuple(float(v) for v in cfg.cond_fill)
+    if len(cfg.cond_fill) not in (0, 1, cfg.image_channels):
+        raise ValueError(f"cond_fill needs 0, 1 or image_channels={cfg.image_channels} values, got {cfg.cond_fill}")
+    lo, hi = (0.0, 1.0) if cfg.likelihood == "bernoulli" else (-1.0, 1.0)
+    if not all(lo <= v <= hi for v in cfg.cond_fill):
+        raise ValueError(f"cond_fill must lie in the data range [{lo}, {hi}], got {cfg.cond_fill}")
+    if not (math.isfinite(cfg.stage_recon_weight) and cfg.stage_recon_weight >= 0):
+        raise ValueError(f"stage_recon_weight must be a finite number >= 0, got {cfg.stage_recon_weight}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

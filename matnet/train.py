@@ -1,56 +1,178 @@
 """Training: Adam with gradient clipping and the original schedule (constant, then linear decay),
-skip-update on non-finite gradients, EMA weights, KL warm-up, JSON-lines metrics, atomic
-checkpoints with exact resume, periodic IWAE evaluation and PNG outputs."""
+skip-update on non-finite or huge gradients with a stop when skips persist, EMA weights, KL
+warm-up, strict JSON-lines metrics, checksummed atomic checkpoints with exact resume, a lock per
+run folder, checkpoint-and-exit on SIGTERM/SIGINT, periodic IWAE evaluation and PNG outputs.
+
+Exit codes of `matnet train` (see the README): 0 done, 2 a user error, 3 training diverged
+(`TrainingDiverged`), 4 disk full, 128 + signal number after a checkpoint on SIGTERM (143) or
+SIGINT (130) (`Preempted`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
 import random
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import plots
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import MatNetConfig
+from .checkpoint import DiskFullError, RunLock, load_checkpoint, remove_stale_temps, save_checkpoint
+from .config import MatNetConfig, check_field_types
 from .data import BatchLoader, ImageDataset, load_dataset
 from .model import MatNet
 
 log = logging.getLogger("matnet.train")
 
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_DISK_FULL = DiskFullError.exit_code
+PROGRESS_INTERVAL_NOT_TTY = 5.0  # seconds between progress-bar refreshes into a log file
+
+
+class TrainingDiverged(RuntimeError):
+    """Updates kept being skipped (or the weights went non-finite); the last good checkpoint is kept."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written, "
+                         "run the same command again to resume")
+        self.signum, self.step = signum, step
+        self.exit_code = 128 + signum
+
+
+def _opt(default: Any, help: str, flag: str | None = None) -> Any:
+    """A TrainOptions field: its default and help are the CLI flag's (the CLI is generated from them)."""
+    meta = {"help": help} if flag is None else {"help": help, "flag": flag}
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainOptions:
-    out_dir: str = "runs/matnet"
-    data_dir: str | None = None
-    val_size: int | None = None  # images held out of the training set (default: the dataset's)
-    device: str = "auto"
-    steps: int | None = None  # default: cfg.steps
-    seed: int = 0
-    log_every: int = 50
-    eval_every: int = 1000
-    eval_images: int = 1000  # validation images for the ELBO
-    iwae_k: int = 100
-    iwae_images: int = 200  # validation images for the periodic IWAE bound
-    ckpt_every: int = 500
-    sample_every: int = 0  # 0: samples only at the end
-    resume: bool = True
-    fast: bool = False
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    progress: bool = True
+    out_dir: str = _opt("runs/matnet", "run folder: checkpoint, metrics, PNGs", flag="--out")
+    data_dir: str | None = _opt(None, "dataset folder (default: $MATNET_DATA_DIR)")
+    val_size: int | None = _opt(None, "training images held out for validation (default: the dataset's)")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    steps: int | None = _opt(None, "training steps, >= 1 (default: the preset's, or a resumed run's own)")
+    seed: int = _opt(0, "seed of the weights, data order and noise")
+    log_every: int = _opt(50, "steps between metrics rows (0: off)")
+    eval_every: int = _opt(1000, "steps between validations (0: off)")
+    eval_images: int = _opt(1000, "validation images for the ELBO, >= 1")
+    iwae_k: int = _opt(100, "importance samples of the periodic IWAE bound (0: off)")
+    iwae_images: int = _opt(200, "validation images for the periodic IWAE bound (0: off)")
+    ckpt_every: int = _opt(500, "steps between checkpoints (0: only at the end and when stopped)")
+    sample_every: int = _opt(0, "steps between sample grids (0: only at the end)")
+    max_skips: int = _opt(20, "stop (exit 3) after this many consecutive skipped updates, >= 1")
+    skip_window: int = _opt(200, "window of steps for --max-skip-fraction, >= 1")
+    max_skip_fraction: float = _opt(0.5, "stop (exit 3) when more than this fraction of a full window is skipped")
+    resume: bool = _opt(True, "resume from the checkpoint in --out")
+    fast: bool = _opt(False, "use FastMatNet (the fused kernels)")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that would mean something else than they say (names as the CLI spells them)."""
+        check_field_types(self)
+
+        def flag(name: str) -> str:
+            f = next(f for f in dataclasses.fields(self) if f.name == name)
+            return f.metadata.get("flag", "--" + name.replace("_", "-"))
+
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps} (leave it out for the preset's)")
+        for name in ("eval_images", "max_skips", "skip_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("log_every", "eval_every", "iwae_k", "iwae_images", "ckpt_every", "sample_every", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.val_size is not None and self.val_size < 0:
+            raise ValueError(f"--val-size must be >= 0, got {self.val_size}")
+        if not 0.0 < self.max_skip_fraction <= 1.0:
+            raise ValueError(f"--max-skip-fraction must lie in (0, 1], got {self.max_skip_fraction}")
+
+
+class SkipGuard:
+    """Decides when skipped updates mean the run has diverged: `max_consecutive` skips in a row, or
+    more than `max_fraction` of the last `window` steps. A skip threshold that every step exceeds
+    (vdvae#25) thus ends the run instead of looping forever."""
+
+    def __init__(self, max_consecutive: int, window: int, max_fraction: float):
+        self.max_consecutive, self.window, self.max_fraction = max_consecutive, window, max_fraction
+        self.recent: deque[tuple[float, bool]] = deque(maxlen=window)
+        self.consecutive = 0
+
+    def record(self, grad_norm: float, skipped: bool) -> str | None:
+        """Record one step; return why the run must stop, or None."""
+        self.recent.append((grad_norm, skipped))
+        self.consecutive = self.consecutive + 1 if skipped else 0
+        if self.consecutive >= self.max_consecutive:
+            return f"{self.consecutive} consecutive updates were skipped"
+        n_skip = sum(s for _, s in self.recent)
+        if len(self.recent) == self.window and n_skip > self.max_fraction * self.window:
+            return f"{n_skip} of the last {self.window} updates were skipped"
+        return None
+
+    def recent_norms(self, n: int = 10) -> str:
+        return ", ".join(f"{g:.3g}" for g, _ in list(self.recent)[-n:])
+
+
+def strict_json(v: Any) -> Any:
+    """Non-finite floats become null: metrics.jsonl stays strict JSON (no bare NaN / Infinity)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [strict_json(x) for x in v]
+    return v
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The metrics log's rows; lines that are not JSON objects are dropped with a warning."""
+    rows = plots.read_metrics(path) if path.exists() else []
+    good = [r for r in rows if isinstance(r, dict)]
+    if len(good) != len(rows):
+        log.warning("%s: ignored %d line(s) that are not JSON objects", path, len(rows) - len(good))
+    return good
+
+
+def progress_bar(**kw: Any) -> tqdm:
+    """A tqdm bar that refreshes at most every few seconds when stderr is a log file, not a terminal."""
+    if not sys.stderr.isatty():
+        kw.setdefault("mininterval", PROGRESS_INTERVAL_NOT_TTY)
+    return tqdm(**kw)
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
     return dev
@@ -65,7 +187,12 @@ def lr_factor(step: int, total: int, decay_start: float, final: float) -> float:
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """All RNG states as tensors and plain values, so checkpoints load with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"torch": torch.get_rng_state(),
+          "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+          "python": random.getstate()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -73,7 +200,9 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -83,10 +212,14 @@ def set_rng_state(st: dict) -> None:
 def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, iwae_images: int = 0,
              batch_size: int = 100, seed: int = 1234, device: torch.device | None = None,
              progress: bool = False, chunk: int | None = None) -> dict:
-    """ELBO on the first `n_images` of `data`, and the IWAE bound on the first `iwae_images`.
+    """ELBO on the first `n_images` of `data`, and the IWAE bound on the first `iwae_images`
+    (`iwae_k` or `iwae_images` 0: no IWAE bound).
 
     Runs under a forked RNG with a fixed seed: results are reproducible and training's random
     stream is untouched (so resumed runs stay exact)."""
+    if n_images < 1 or batch_size < 1 or iwae_k < 0 or iwae_images < 0:
+        raise ValueError(f"evaluate needs n_images >= 1, batch_size >= 1, iwae_k >= 0 and iwae_images >= 0; "
+                         f"got {n_images}, {batch_size}, {iwae_k}, {iwae_images}")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -108,11 +241,11 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
             m = min(iwae_images, len(data))
             bs = max(1, min(batch_size, m))
             vals = []
-            bar = tqdm(range(0, m, bs), desc=f"IWAE k={iwae_k}", disable=not progress, leave=False)
+            bar = progress_bar(iterable=range(0, m, bs), desc=f"IWAE k={iwae_k}", disable=not progress, leave=False)
             for i in bar:
                 x = data.to_float(data.images[i: min(m, i + bs)], generator=gen).to(device)
                 vals.append(model.iwae_nll(x, k=iwae_k, chunk=chunk).double().cpu())
-                bar.set_postfix(nll=f"{torch.cat(vals).mean().item():.2f}")
+                bar.set_postfix(nll=f"{torch.cat(vals).mean().item():.2f}", refresh=False)
             res["iwae"] = torch.cat(vals).mean().item()
             res["iwae_k"] = iwae_k
             res["iwae_images"] = m
@@ -120,13 +253,51 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
     return res
 
 
+@contextlib.contextmanager
+def catch_stop_signals() -> Iterator[list[int]]:
+    """While active, SIGTERM and SIGINT are recorded (into the yielded list) instead of killing the
+    process, so the loop can finish its step and checkpoint. A second signal acts as usual."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
+        yield caught
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: object) -> None:
+        caught.append(signum)
+        for s, h in old.items():
+            signal.signal(s, h)
+        log.warning("%s: finishing this step, then checkpoint and exit", signal.Signals(signum).name)
+
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 class Trainer:
-    """Owns the model, optimizer, EMA copy, data stream and run directory."""
+    """Owns the model, optimizer, EMA copy, data stream and run directory (locked while it lives)."""
 
     def __init__(self, cfg: MatNetConfig, opts: TrainOptions):
         self.opts = opts
         self.out = Path(opts.out_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out} is a file, not a folder")
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.out)
+        self.lock.acquire()
+        try:
+            self._setup(cfg, opts)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: MatNetConfig, opts: TrainOptions) -> None:
+        for p in remove_stale_temps(self.out):
+            log.warning("removed %s, left by a killed run", p)
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.device = pick_device(opts.device)
@@ -162,18 +333,25 @@ class Trainer:
         self.loader = BatchLoader(self.train_data, cfg.batch_size, shuffle=True, seed=opts.seed, device=self.device)
         self.step = 0
         self.skipped = 0
+        self.last_skipped = False
+        self.saved_step: int | None = None  # step of the checkpoint on disk, if any
+        self.guard = SkipGuard(opts.max_skips, opts.skip_window, opts.max_skip_fraction)
         if resume is not None:
             self.load_state(resume)
         self._trim_metrics()
         (self.out / "config.json").write_text(self.cfg.to_json())
+
+    def close(self) -> None:
+        """Release the run folder for another run."""
+        self.lock.release()
 
     def _trim_metrics(self) -> None:
         """A fresh run starts a fresh log; a resumed one drops rows logged after its checkpoint."""
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [r for r in plots.read_metrics(path) if r.get("step", 0) <= self.step] if self.step else []
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = [r for r in read_rows(path) if r.get("step", 0) <= self.step] if self.step else []
+        path.write_text("".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows))
 
     # ---- checkpointing ----
     def state(self) -> dict:
@@ -189,8 +367,20 @@ class Trainer:
             "rng": rng_state(),
         }
 
+    def _kept(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the last good checkpoint {self.ckpt_path} (step {self.saved_step}) is kept"
+
     def save(self) -> None:
+        """Checkpoint, unless a weight is non-finite: good weights are never replaced by broken ones."""
+        nets = [self.model] + ([self.ema] if self.ema is not None else [])
+        bad = [n for net in nets for n, p in net.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingDiverged(f"training stopped at step {self.step}: non-finite weights in {bad[:3]}; "
+                                   f"not saved; {self._kept()}")
         save_checkpoint(self.ckpt_path, self.state())
+        self.saved_step = self.step
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -198,6 +388,7 @@ class Trainer:
             self.ema.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
         self.opt.load_state_dict(st["optimizer"])  # moves the moments to the parameters' device
         self.step, self.skipped = st["step"], st.get("skipped", 0)
+        self.saved_step = self.step
         self.loader.load_state_dict(st["loader"])
         set_rng_state(st["rng"])  # RNG states stay CPU byte tensors: the checkpoint is loaded on CPU
         log.info("resumed from %s at step %d", self.ckpt_path, self.step)
@@ -213,8 +404,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
-        skip = not math.isfinite(gnorm) or (cfg.skip_threshold > 0 and gnorm > cfg.skip_threshold)
-        if skip:  # VDVAE-style: a non-finite or huge gradient never reaches the weights
+        skip = (not math.isfinite(gnorm) or not math.isfinite(out.loss.item())
+                or (cfg.skip_threshold > 0 and gnorm > cfg.skip_threshold))
+        self.last_skipped = skip
+        if skip:  # VDVAE-style: a non-finite or huge gradient never reaches the weights (nor the EMA)
             self.skipped += 1
         else:
             self.opt.step()
@@ -237,34 +430,59 @@ class Trainer:
 
     def log_row(self, row: dict) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
     def eval_model(self) -> MatNet:
         return self.ema if self.ema is not None else self.model
 
     def run(self, until: int | None = None) -> dict:
-        """Train to the end of the schedule, or only up to step `until` (checkpointed, resumable)."""
+        """Train to the end of the schedule, or only up to step `until` (checkpointed, resumable).
+
+        Raises `TrainingDiverged` when updates keep being skipped and `Preempted` after a
+        checkpoint on SIGTERM/SIGINT. The run folder is released when this returns or raises."""
+        self.lock.acquire()
+        try:
+            with catch_stop_signals() as caught:
+                return self._run(until, caught)
+        finally:
+            self.close()
+
+    def _run(self, until: int | None, caught: list[int]) -> dict:
         o = self.opts
         stop = min(self.total, until) if until is not None else self.total
         stream = self.loader.forever()
-        bar = tqdm(total=self.total, initial=self.step, desc="train", disable=not o.progress, dynamic_ncols=True)
-        t0, seen, last = time.time(), 0, {}
+        bar = progress_bar(total=self.total, initial=self.step, desc="train", disable=not o.progress,
+                           dynamic_ncols=True)
+        t0, seen, last, ckpt_due = time.time(), 0, {}, False
         while self.step < stop:
             row = self.train_step(next(stream))
             seen += self.cfg.batch_size
             bar.update(1)
-            bar.set_postfix(nll=f"{row['nll_bound']:.2f}", kl=f"{row['kl']:.1f}")
-            if self.step % o.log_every == 0 or self.step == self.total:
+            bar.set_postfix(nll=f"{row['nll_bound']:.2f}", kl=f"{row['kl']:.1f}", refresh=False)
+            if o.log_every and (self.step % o.log_every == 0 or self.step == self.total):
                 dt = time.time() - t0
                 self.log_row({"split": "train", "step": self.step, **row, "images_per_s": seen / max(dt, 1e-9),
                               "time": time.time()})
                 t0, seen = time.time(), 0
+            why = self.guard.record(row["grad_norm"], self.last_skipped)
+            if why:
+                bar.close()
+                raise TrainingDiverged(
+                    f"training stopped at step {self.step}: {why} (non-finite loss or gradient, or grad norm "
+                    f"above skip_threshold={self.cfg.skip_threshold}); recent grad norms: "
+                    f"[{self.guard.recent_norms()}]; {self._kept()}")
+            if caught:
+                bar.close()
+                self.save()
+                raise Preempted(caught[0], self.step)
             if o.eval_every and (self.step % o.eval_every == 0 or self.step == self.total):
                 last = self.validate(o.iwae_k)
             if o.sample_every and self.step % o.sample_every == 0:
                 self.save_samples(self.out / f"samples_{self.step:07d}.png")
-            if self.step % o.ckpt_every == 0 or self.step == self.total:
+            ckpt_due |= bool(o.ckpt_every) and self.step % o.ckpt_every == 0
+            if ckpt_due and not self.last_skipped:  # checkpoints follow applied updates only
                 self.save()
+                ckpt_due = False
         bar.close()
         self.save()
         if self.step < self.total:
@@ -296,10 +514,12 @@ class Trainer:
         plots.save_image_grid(x, path, signed=not self.eval_model().dist.binary)
 
     def save_plots(self) -> None:
-        rows = plots.read_metrics(self.out / "metrics.jsonl")
+        nan = float("nan")  # nulls in the log are non-finite values; the plots take them as gaps
+        rows = [{k: nan if v is None else v for k, v in r.items()} for r in read_rows(self.out / "metrics.jsonl")]
+        train_rows = [r for r in rows if r.get("split") == "train"]
         plots.plot_nll(rows, self.out / "nll.png")
-        plots.plot_kl_per_module([r for r in rows if r.get("split") == "train"], self.model.kl_groups(),
-                                 self.out / "kl_per_module.png")
+        if train_rows:
+            plots.plot_kl_per_module(train_rows, self.model.kl_groups(), self.out / "kl_per_module.png")
 
 
 def train(cfg: MatNetConfig, opts: TrainOptions) -> dict:

@@ -15,6 +15,8 @@ from matnet import cli, plots
 from matnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from matnet.train import Trainer, TrainOptions, evaluate, lr_factor
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
 
 def _write_idx(path, arr):
     head = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
@@ -22,10 +24,8 @@ def _write_idx(path, arr):
         f.write(head + arr.astype(np.uint8).tobytes())
 
 
-@pytest.fixture(scope="module")
-def fake_mnist(tmp_path_factory):
-    """120 train / 40 test 28x28 'digits': bright blobs at random places."""
-    d = tmp_path_factory.mktemp("mnist")
+def make_fake_mnist(d):
+    """120 train / 40 test 28x28 'digits' in folder `d`: bright blobs at random places."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 120), ("t10k", 40)):
         img = np.zeros((n, 28, 28), np.uint8)
@@ -35,6 +35,11 @@ def fake_mnist(tmp_path_factory):
         _write_idx(d / f"{split}-images-idx3-ubyte.gz", img)
         _write_idx(d / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def fake_mnist(tmp_path_factory):
+    return make_fake_mnist(tmp_path_factory.mktemp("mnist"))
 
 
 def _opts(tmp_path, data, **kw):
