@@ -9,6 +9,7 @@ fast over reference (reference time / fast time) and over torch.compile (compile
 images per second, and the achieved memory bandwidth (GB/s) and arithmetic rate (TFLOP/s) of the fast
 implementation from the analytic bytes and FLOPs each benchmark stores in its extra_info. On a GPU
 listed in PEAKS they are also given as fractions of the device's peak; elsewhere as absolute rates only.
+Variants of fast (e.g. fast-cl: channels_last; fast-cl-bf16: also bf16 autocast) get their ratios in the notes.
 Standard library only: runs without torch.
 """
 
@@ -138,6 +139,12 @@ def rows_for(groups: dict[str, dict[str, Any]], peak, device: str) -> tuple[list
         if any(v["info"].get("quick") for v in impls.values()):
             note.append("quick")
             notes.add("quick")
+        for extra in (n for n in impls if n not in IMPL_ORDER):  # variants of fast (layout, autocast)
+            te = impls[extra]["time"]
+            if te:
+                vs = [f"ref/{extra} {fmt_ratio(t['reference'] / te)}" if t["reference"] else None,
+                      f"compiled/{extra} {fmt_ratio(t['compiled'] / te)}" if t["compiled"] else None]
+                note.append(", ".join(v for v in vs if v))
         if "compiled" in impls and impls["compiled"]["info"].get("compile_s") is not None:
             note.append(f"compile {impls['compiled']['info']['compile_s']:.0f} s")
         row = [group, fmt_time(t["reference"]), fmt_time(t["fast"]), fmt_time(t["compiled"]), fmt_ratio(ratio),

@@ -45,15 +45,17 @@ def model_rounds(dev: torch.device) -> int:
 
 
 def build(preset: str, impl: str, dev: torch.device, dt: torch.dtype = torch.float32) -> MatNet:
-    """MatNet ('reference', 'compiled') or FastMatNet ('fast'), both with the weights of MatNet at seed 0."""
+    """MatNet ('reference', 'compiled') or FastMatNet ('fast...'), both with the weights of MatNet at seed 0;
+    '-cl' variants hold their conv weights (and so every feature map) channels_last."""
     cfg = MatNetConfig.preset(preset)
     torch.manual_seed(0)
     model = MatNet(cfg)
-    if impl == "fast":
+    if impl.startswith("fast"):
         fast = FastMatNet(cfg)
         fast.load_state_dict(model.state_dict())
         model = fast
-    return model.to(device=dev, dtype=dt)
+    model = model.to(device=dev, dtype=dt)
+    return model.to(memory_format=torch.channels_last) if "-cl" in impl else model
 
 
 def make_batch(cfg: MatNetConfig, batch: int, dev: torch.device, dt: torch.dtype = torch.float32) -> torch.Tensor:
@@ -128,10 +130,14 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize(("device", "dtype", "case"), device_params(TRAIN_CASES))
-@pytest.mark.parametrize("impl", ("reference", "fast", "compiled"))
+# fast-cl: channels_last; fast-cl-bf16: channels_last under bf16 autocast (fp32 weights, fp32 likelihood and KL)
+@pytest.mark.parametrize("impl", ("reference", "fast", "fast-cl", "fast-cl-bf16", "compiled"))
 def test_train_step(benchmark, impl, device, dtype, case):
     dev, dt = resolve(device, dtype)
     quick = quick_mode(benchmark)
+    autocast = impl.endswith("-bf16")
+    if autocast and dt != torch.float32:
+        pytest.skip("the autocast variant runs on an fp32 model")
     if impl == "compiled" and quick:
         pytest.skip("torch.compile is not benchmarked in quick mode (--benchmark-disable, MATNET_BENCH_QUICK)")
     if impl == "compiled" and env_flag(NO_COMPILE_ENV):
@@ -148,8 +154,12 @@ def test_train_step(benchmark, impl, device, dtype, case):
     else:
         forward = model
 
+    if "-cl" in impl:
+        x = x.contiguous(memory_format=torch.channels_last)
+
     def step():
-        out = forward(x)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            out = forward(x)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -210,17 +220,21 @@ IWAE_CASES = [
 
 
 @pytest.mark.parametrize(("device", "dtype", "case"), device_params(IWAE_CASES))
-@pytest.mark.parametrize("impl", ("reference", "fast"))
+@pytest.mark.parametrize("impl", ("reference", "fast", "fast-cl", "fast-cl-bf16"))
 def test_iwae(benchmark, impl, device, dtype, case):
     dev, dt = resolve(device, dtype)
     quick = quick_mode(benchmark)
+    autocast = impl.endswith("-bf16")
+    if autocast and dt != torch.float32:
+        pytest.skip("the autocast variant runs on an fp32 model")
     B = scaled_batch(case.batch, quick)
     k = min(case["k"], 2 * QUICK_BATCH) if quick else case["k"]
     model = build(case["preset"], impl, dev, dt).eval()
     x = make_batch(model.cfg, B, dev, dt)
 
     def call():
-        return model.iwae_nll(x, k=k)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+            return model.iwae_nll(x, k=k)
 
     parts = iwae_flops_parts(case["preset"])
     flops = None if parts is None else parts[0] * B + parts[1] * B * k

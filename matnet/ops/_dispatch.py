@@ -148,8 +148,11 @@ def conv_fp32_precision() -> str:
 
 
 def layout(t: torch.Tensor) -> torch.memory_format:
-    """channels_last if t is a 4-d channels_last tensor (and not also plain contiguous), else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    """channels_last for a 4-d tensor whose channels are innermost (a channels_last map, or a view of one such
+    as a channel chunk) unless it is also plain contiguous; else contiguous."""
+    if t.dim() != 4 or t.is_contiguous():
+        return torch.contiguous_format
+    if t.is_contiguous(memory_format=torch.channels_last) or (t.shape[1] > 1 and t.stride(1) == 1):
         return torch.channels_last
     return torch.contiguous_format
 
