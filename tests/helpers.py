@@ -134,3 +134,12 @@ def conv_fp32_precision(p: str):
             yield
         finally:
             torch.backends.cudnn.allow_tf32 = old
+
+
+def random_data(cfg, b: int, seed: int = 1) -> torch.Tensor:
+    """b images in cfg's data space: binary for the Bernoulli likelihood, 8-bit bin centres on [-1, 1] otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, cfg.image_channels, cfg.image_size, cfg.image_size)
+    if cfg.likelihood == "bernoulli":
+        return torch.bernoulli(torch.rand(shape, generator=g), generator=g)
+    return torch.round(torch.rand(shape, generator=g) * 255) / 127.5 - 1

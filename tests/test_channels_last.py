@@ -3,8 +3,8 @@ and a channels_last FastMatNet computes what the NCHW one does, without converti
 
 import pytest
 import torch
-from helpers import assert_all_within_ref_error
-from test_fast_model import CASES, _data, _pair, _run, _truth, assert_model_within_ref_error
+from helpers import assert_all_within_ref_error, conv_fp32_precision, needs_cuda, random_data
+from test_fast_model import CASES, _pair, _run, _truth, assert_model_within_ref_error
 
 import matnet
 from matnet.ops import reference
@@ -36,10 +36,10 @@ def _op_cases():
 OP_CASES = list(_op_cases())
 
 
-def _outputs(name, args, fmt):
+def _outputs(name, args, fmt, **to):
     """The op's outputs and the gradients of their sum of squares wrt every float tensor argument, with the
-    4-d tensors in layout fmt."""
-    args = [(a.contiguous(memory_format=fmt) if a.dim() == 4 else a).detach().requires_grad_()
+    4-d tensors in layout fmt (and moved/cast by `to`)."""
+    args = [(a.to(**to).contiguous(memory_format=fmt) if a.dim() == 4 else a.to(**to)).detach().requires_grad_()
             if isinstance(a, torch.Tensor) else a for a in args]
     out = getattr(matnet.ops, name)(*args)
     outs = out if isinstance(out, tuple) else (out,)
@@ -58,6 +58,21 @@ def test_op_keeps_channels_last(name, args):
         torch.testing.assert_close(o_cl, o, rtol=1e-12, atol=1e-12)
     for g_cl, g in zip(grads_cl, grads):
         torch.testing.assert_close(g_cl, g, rtol=1e-12, atol=1e-12)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("name", "args"), OP_CASES, ids=[c[0] for c in OP_CASES])
+def test_op_keeps_channels_last_cuda(name, args):
+    """fp32 on the GPU backends (Triton, CUDA extension): they read channels_last inputs as contiguous copies,
+    so the values must be exactly those of the NCHW call."""
+    with conv_fp32_precision("ieee"):
+        outs_cl, grads_cl = _outputs(name, args, CL, device="cuda", dtype=torch.float32)
+        outs, grads = _outputs(name, args, torch.contiguous_format, device="cuda", dtype=torch.float32)
+    for o_cl, o in zip(outs_cl, outs):
+        assert layout(o_cl) is CL, f"{name}: output is not channels_last, strides {o_cl.stride()}"
+        torch.testing.assert_close(o_cl, o, rtol=0, atol=0)
+    for g_cl, g in zip(grads_cl, grads):
+        torch.testing.assert_close(g_cl, g, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("name", "args"), OP_CASES, ids=[c[0] for c in OP_CASES])
@@ -99,7 +114,7 @@ def test_fast_model_channels_last_matches_nchw(name, monkeypatch):
     ref, fast = _pair(cfg)
     fast = fast.to(memory_format=CL)
     truth = _truth(ref)
-    x = _data(cfg, 3)
+    x = random_data(cfg, 3)
     seen = _spy_layouts(monkeypatch)
     out_f, g_f = _run(fast, _cl(x), 5)
     assert seen and all(fmt is CL for *_, fmt in seen), [s for s in seen if s[2] is not CL][:3]
@@ -120,7 +135,7 @@ def test_sample_and_iwae_channels_last():
     torch.manual_seed(3)
     s_fast = fast.sample(4, mean=True)
     torch.testing.assert_close(s_fast, s_ref, rtol=1e-4, atol=1e-4)  # probabilities in [0, 1]
-    x = _data(cfg, 2)
+    x = random_data(cfg, 2)
     torch.manual_seed(4)
     b_ref = ref.iwae_nll(x, k=4)
     torch.manual_seed(4)

@@ -3,7 +3,7 @@ only, the generator never reads x^u, imputations keep x^k, the IWAE bound, the f
 
 import pytest
 import torch
-from helpers import assert_all_within_ref_error, assert_within_ref_error
+from helpers import assert_all_within_ref_error, assert_within_ref_error, random_data
 
 import matnet
 from matnet import masks
@@ -22,14 +22,6 @@ CASES = {
 }
 
 
-def _data(cfg, b, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = (b, cfg.image_channels, cfg.image_size, cfg.image_size)
-    if cfg.likelihood == "bernoulli":
-        return torch.bernoulli(torch.rand(shape, generator=g), generator=g)
-    return torch.round(torch.rand(shape, generator=g) * 255) / 127.5 - 1
-
-
 def _mask(cfg, b, seed=2):
     s = cfg.image_size
     return masks.quadrant(s // 2)(b, s, s, generator=torch.Generator().manual_seed(seed))
@@ -37,7 +29,7 @@ def _mask(cfg, b, seed=2):
 
 def _change_missing(x, m, cfg, seed=3):
     """x with only its missing pixels redrawn."""
-    return torch.where(m.bool(), _data(cfg, x.shape[0], seed), x)
+    return torch.where(m.bool(), random_data(cfg, x.shape[0], seed), x)
 
 
 def _seeded(seed, f, *args, **kw):
@@ -51,10 +43,10 @@ def test_masked_nll_scores_missing_pixels_only(name):
     cfg = CASES[name]
     dist = matnet.ConditionalMatNet(cfg).dist
     B, s = 3, cfg.image_size
-    x, m = _data(cfg, B).double(), _mask(cfg, B).bool()
+    x, m = random_data(cfg, B).double(), _mask(cfg, B).bool()
     params = torch.randn(B, dist.n_params(), s, s, dtype=torch.float64)
     got = masked_nll(dist, x, params, m)
-    x_known_changed = torch.where(m, x, _data(cfg, B, seed=9).double())
+    x_known_changed = torch.where(m, x, random_data(cfg, B, seed=9).double())
     assert torch.equal(got, masked_nll(dist, x_known_changed, params, m))
     assert torch.equal(masked_nll(dist, x, params, torch.zeros_like(m)), torch.zeros(B, dtype=torch.float64))
     # all pixels missing: the distribution's own per-image NLL
@@ -72,7 +64,7 @@ def test_masked_nll_scores_missing_pixels_only(name):
 def test_objective_bookkeeping_and_all_known_mask():
     cfg = CASES["two-stage-logistic"]
     cm = matnet.ConditionalMatNet(cfg)
-    x, m = _data(cfg, 4), _mask(cfg, 4)
+    x, m = random_data(cfg, 4), _mask(cfg, 4)
     out = _seeded(0, cm, x, m)
     assert out.kl.shape == (4, cfg.stages * cfg.n_stochastic)
     assert sum(c for _, c in cm.kl_groups()) == out.kl.shape[1]
@@ -90,7 +82,7 @@ def test_objective_bookkeeping_and_all_known_mask():
 def test_inference_net_reads_missing_pixels():
     cfg = CASES["tiny"]
     cm = matnet.ConditionalMatNet(cfg)
-    x, m = _data(cfg, 3), _mask(cfg, 3)
+    x, m = random_data(cfg, 3), _mask(cfg, 3)
     kl_a = _seeded(0, cm, x, m).kl
     kl_b = _seeded(0, cm, _change_missing(x, m, cfg), m).kl
     assert not torch.equal(kl_a[:, 0], kl_b[:, 0])  # q(z0 | x^k, x^u) sees x^u (Eq. 4)
@@ -101,7 +93,7 @@ def test_inference_net_reads_missing_pixels():
 def test_generator_never_reads_missing_pixels(name):
     cfg = CASES[name]
     cm = matnet.ConditionalMatNet(cfg)
-    x, m = _data(cfg, 2), _mask(cfg, 2)
+    x, m = random_data(cfg, 2), _mask(cfg, 2)
     others = [_change_missing(x, m, cfg), torch.where(m.bool(), torch.nan, x)]  # NaN anywhere read would spread
     prior = _seeded(5, cm.prior_params, x, m)
     assert len(prior) == cfg.stages * cfg.n_stochastic
@@ -111,7 +103,7 @@ def test_generator_never_reads_missing_pixels(name):
             assert torch.equal(mu, mu2) and torch.equal(lv, lv2)
         assert torch.equal(imp, _seeded(6, cm.impute, x2, m, 2))
     # p(z0 | x^k) does depend on the known pixels
-    mu0 = _seeded(5, cm.prior_params, torch.where(m.bool(), x, _data(cfg, 2, seed=8)), m)[0][0]
+    mu0 = _seeded(5, cm.prior_params, torch.where(m.bool(), x, random_data(cfg, 2, seed=8)), m)[0][0]
     assert not torch.equal(mu0, prior[0][0])
 
 
@@ -121,7 +113,7 @@ def test_impute_keeps_known_pixels_exactly(name, mean):
     cfg = CASES[name]
     cm = matnet.ConditionalMatNet(cfg)
     B, n = 2, 3
-    x, m = _data(cfg, B), _mask(cfg, B).bool()
+    x, m = random_data(cfg, B), _mask(cfg, B).bool()
     imp = cm.impute(x, m, n, mean=mean)
     assert imp.shape == (B, n, *x.shape[1:])
     known = ~m.expand_as(x)
@@ -139,7 +131,7 @@ def test_impute_keeps_known_pixels_exactly(name, mean):
 def test_iwae_is_finite_and_below_the_elbo():
     cfg = CASES["two-stage-logistic"]
     cm = matnet.ConditionalMatNet(cfg)
-    x, m = _data(cfg, 4), _mask(cfg, 4)
+    x, m = random_data(cfg, 4), _mask(cfg, 4)
     iwae = cm.iwae_nll(x, m, k=16, chunk=8)
     assert iwae.shape == (4,) and torch.isfinite(iwae).all()
     with torch.no_grad():
@@ -174,7 +166,7 @@ def test_fast_twin_matches_reference(name):
     ref.set_fill(0.25 if cfg.likelihood == "bernoulli" else -0.1)
     ref.load_state_dict(fast.state_dict())  # both ways; the fill buffer travels with the weights
     assert torch.equal(ref.fill, fast.fill)
-    x, m = _data(cfg, 3), _mask(cfg, 3)
+    x, m = random_data(cfg, 3), _mask(cfg, 3)
     out_r, g_r = _run(ref, x, m, seed=7)
     out_f, g_f = _run(fast, x, m, seed=7)
     out_t, g_t = _run(_truth(ref), x.double(), m, seed=7)
@@ -190,7 +182,7 @@ def test_fast_twin_iwae_and_impute_match_reference():
     fast = matnet.FastConditionalMatNet(cfg)
     fast.load_state_dict(ref.state_dict())
     truth = _truth(ref)
-    x, m = _data(cfg, 2), _mask(cfg, 2)
+    x, m = random_data(cfg, 2), _mask(cfg, 2)
     iwae = [_seeded(3, mod.iwae_nll, xx, m, k=5, chunk=2) for mod, xx in ((fast, x), (ref, x), (truth, x.double()))]
     assert_within_ref_error("iwae", *iwae)
     imps = [_seeded(4, mod.impute, xx, m, 2, mean=True) for mod, xx in ((fast, x), (ref, x), (truth, x.double()))]
@@ -202,7 +194,7 @@ def test_fast_twin_iwae_and_impute_match_reference():
 def test_two_stage_gradient_reaches_both_stages(weight):
     cfg = CASES["tiny"].replace(stages=2, stage_recon_weight=weight)
     cm = matnet.ConditionalMatNet(cfg)
-    x, m = _data(cfg, 3), _mask(cfg, 3)
+    x, m = random_data(cfg, 3), _mask(cfg, 3)
     cm(x, m).loss.backward()
     for s, stage in enumerate(cm.stages):
         grads = {n: p.grad for n, p in stage.named_parameters()}
@@ -261,7 +253,7 @@ def test_config_round_trip_and_fill():
 
 def test_mask_validation():
     cm = matnet.ConditionalMatNet(TINY)
-    x = _data(TINY, 2)
+    x = random_data(TINY, 2)
     with pytest.raises(ValueError, match="mask must have shape"):
         cm(x, torch.zeros(2, 28, 28))
     with pytest.raises(ValueError, match="mask must have shape"):

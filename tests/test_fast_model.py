@@ -3,17 +3,9 @@
 
 import pytest
 import torch
-from helpers import assert_all_within_ref_error, assert_within_ref_error
+from helpers import assert_all_within_ref_error, assert_within_ref_error, random_data
 
 import matnet
-
-
-def _data(cfg, b, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = (b, cfg.image_channels, cfg.image_size, cfg.image_size)
-    if cfg.likelihood == "bernoulli":
-        return torch.bernoulli(torch.rand(shape, generator=g), generator=g)
-    return torch.round(torch.rand(shape, generator=g) * 255) / 127.5 - 1
 
 
 def _pair(cfg):
@@ -59,7 +51,7 @@ def test_fast_matches_reference(name):
     cfg = CASES[name]
     ref, fast = _pair(cfg)
     assert list(ref.state_dict()) == list(fast.state_dict())
-    x = _data(cfg, 3 if name != "mnist" else 4)
+    x = random_data(cfg, 3 if name != "mnist" else 4)
     out_r, g_r = _run(ref, x, seed=7)
     out_f, g_f = _run(fast, x, seed=7)
     out_t, g_t = _run(_truth(ref), x.double(), seed=7)
@@ -70,7 +62,7 @@ def test_fast_iwae_and_sample_match_reference():
     cfg = CASES["tiny"]
     ref, fast = _pair(cfg)
     truth = _truth(ref)
-    x = _data(cfg, 2)
+    x = random_data(cfg, 2)
 
     def seeded(seed, f, *args, **kw):
         torch.manual_seed(seed)
@@ -86,7 +78,7 @@ def test_force_reference_env_routes_fast_model_to_reference(monkeypatch):
     monkeypatch.setenv("MATNET_FORCE_REFERENCE", "1")
     cfg = CASES["logistic"]
     ref, fast = _pair(cfg)
-    x = _data(cfg, 2)
+    x = random_data(cfg, 2)
     out_r, _ = _run(ref, x, seed=5)
     out_f, _ = _run(fast, x, seed=5)
     assert torch.equal(out_r.nll_bound, out_f.nll_bound)  # bit-identical: the very same code runs
@@ -103,7 +95,7 @@ def test_fast_model_validates_input():
 def test_torch_compile_fullgraph_traces_fast_model():
     cfg = matnet.MatNetConfig.preset("tiny", likelihood="logistic")
     fast = matnet.FastMatNet(cfg)
-    x = _data(cfg, 2)
+    x = random_data(cfg, 2)
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     out_c, g_c = _run(compiled, x, seed=0)
     out_e, g_e = _run(fast, x, seed=0)
