@@ -24,7 +24,9 @@ from .conditional import ConditionalMatNet, FastConditionalMatNet  # noqa: E402
 from .config import PRESETS, MatNetConfig  # noqa: E402
 from .fast_model import FastMatNet  # noqa: E402
 from .model import MatNet, MatNetOutput  # noqa: E402
+from .regularizers import inference_regularizer  # noqa: E402
 
 __all__ = ["MatNetConfig", "PRESETS", "MatNet", "FastMatNet", "MatNetOutput", "ops", "clustering", "masks"]
 __all__ += ["ConditionalMatNet", "FastConditionalMatNet"]
+__all__ += ["regularizers", "inference_regularizer"]
 __version__ = "0.1.0"

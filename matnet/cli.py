@@ -1,4 +1,4 @@
-"""The `matnet` command line: train, eval, sample.
+"""The `matnet` command line: train, eval, sample, inpaint, cluster.
 
 Every flag is generated from a dataclass field (TrainOptions, EvalOptions, SampleOptions and the
 MatNetConfig fields in CONFIG_FLAGS), so defaults and help live in one place. Every user error
@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import torch
 
 from .config import PRESETS, MatNetConfig, check_field_types
+from .masks import SPEC_FORMS, parse_mask_spec
 from .train import EXIT_USAGE, TrainOptions, strict_json
 
 log = logging.getLogger("matnet.cli")
@@ -28,7 +29,7 @@ log = logging.getLogger("matnet.cli")
 # config fields with a flag of their own (any field can be set with --set KEY=JSON)
 CONFIG_FLAGS = ("dataset", "batch_size", "lr", "channels", "kl_warmup_steps", "ema_rate", "ar_layers")
 # TrainOptions fields that eval and sample take too
-COMMON = ("device", "data_dir", "seed", "threads", "fast")
+COMMON = ("device", "data_dir", "seed", "threads", "ops")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -48,10 +49,15 @@ class EvalOptions:
     val_size: int | None = _f(None, "as given to train (for --split val)")
     ema: bool = _f(True, "use the EMA weights where the checkpoint has them")
     out: str | None = _f(None, "also write the result as JSON here")
+    mask: str | None = _f(None, "inpainting checkpoints: the test masks' spec (default: the checkpoint's)")
+    mask_seed: int = _f(0, "inpainting checkpoints: seed of the fixed test masks, >= 0")
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _at_least(self, {"n_images": 1, "batch_size": 1, "chunk": 1, "k": 0, "iwae_images": 0, "val_size": 0})
+        _at_least(self, {"n_images": 1, "batch_size": 1, "chunk": 1, "k": 0, "iwae_images": 0, "val_size": 0,
+                         "mask_seed": 0})
+        if self.mask is not None:
+            parse_mask_spec(self.mask)
 
 
 @dataclass
@@ -67,6 +73,44 @@ class SampleOptions:
         _at_least(self, {"n": 1})
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
+
+
+@dataclass
+class InpaintOptions:
+    checkpoint: str = _f("", "inpainting checkpoint.pt (trained with --task inpaint)", positional=True)
+    n: int = _f(8, "imputations per image, >= 1")
+    images: int = _f(8, "images (grid rows), >= 1")
+    mask: str | None = _f(None, f"mask spec, one of {SPEC_FORMS} (default: the checkpoint's)")
+    out: str = _f("inpaint.png", "PNG grid to write: per row the original, the occluded input, the imputations")
+    dataset: str | None = _f(None, "dataset to take images from (default: the checkpoint's)")
+    split: str = _f("test", "dataset split", choices=("train", "val", "test"))
+    folder: str | None = _f(None, "take the images from this folder of image files (CelebA-style JPEG/PNG) "
+                                  "instead, resized and centre-cropped to the model's size")
+    temperature: float = _f(1.0, "prior temperature, > 0")
+    mean: bool = _f(False, "show E[x|z] at the missing pixels instead of a draw")
+    ema: bool = _f(True, "use the EMA weights where the checkpoint has them")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _at_least(self, {"n": 1, "images": 1})
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
+        if self.mask is not None:
+            parse_mask_spec(self.mask)
+
+
+@dataclass
+class ClusterOptions:
+    checkpoint: str = _f("", "checkpoint.pt of a model with a mixture prior on z0", positional=True)
+    out: str = _f("clusters.png", "PNG grid to write: one row of images per mixture component")
+    dataset: str | None = _f(None, "dataset (default: the checkpoint's)")
+    split: str = _f("test", "dataset split", choices=("train", "val", "test"))
+    n_images: int | None = _f(None, "images to cluster, >= 1 (default: all)")
+    ema: bool = _f(True, "use the EMA weights where the checkpoint has them")
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        _at_least(self, {"n_images": 1})
 
 
 def _at_least(opts: Any, lows: dict[str, int]) -> None:
@@ -104,6 +148,9 @@ def add_fields(p: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | No
         else:
             p.add_argument(_flag(f), dest=f.name, type=tp, default=f.default, choices=f.metadata.get("choices"),
                            help=f"{help} [{f.default}]" if f.default is not None else help)
+        if "alias" in f.metadata:  # a deprecated flag kept working: it sets the field to one value
+            alias, value = f.metadata["alias"]
+            p.add_argument(alias, dest=f.name, action="store_const", const=value, help=argparse.SUPPRESS)
 
 
 def from_args(cls: type, a: argparse.Namespace, **kw: Any) -> Any:
@@ -150,6 +197,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     o: EvalOptions = from_args(EvalOptions, a)
     _threads(a.threads)
     dev = pick_device(a.device)
+    if _task_of(o.checkpoint) == "inpaint":
+        return _eval_inpaint(o, a, dev)
+    if o.mask is not None:
+        raise ValueError(f"--mask is for inpainting checkpoints; {o.checkpoint} is a density model")
     model = load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, val_size=o.val_size,
@@ -182,11 +233,133 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     o: SampleOptions = from_args(SampleOptions, a)
     _threads(a.threads)
+    if _task_of(o.checkpoint) == "inpaint":
+        raise ValueError(f"{o.checkpoint} is an inpainting model (p(x^u | x^k)): use matnet inpaint")
     torch.manual_seed(a.seed)
     model = load_model(o.checkpoint, pick_device(a.device), fast=a.fast)
     x = model.sample(o.n, temperature=o.temperature, mean=o.mean)
     save_image_grid(x, o.out, signed=not model.dist.binary)
     print(f"wrote {o.n} samples to {o.out}")
+    return 0
+
+
+def _emit(res: dict, out: str | None) -> None:
+    """Print a result as one JSON line (and write it to `out` when given)."""
+    res = strict_json(res)
+    print(json.dumps(res))
+    if out:
+        Path(out).write_text(json.dumps(res, indent=2))
+
+
+def _task_of(path: str) -> str:
+    from .checkpoint import load_checkpoint
+    from .inpaint import checkpoint_task
+
+    return checkpoint_task(load_checkpoint(path))
+
+
+def _eval_inpaint(o: EvalOptions, a: argparse.Namespace, dev: torch.device) -> int:
+    """`matnet eval` of an inpainting checkpoint: the imputation NLL, -log p(x^u | x^k) in nats per image over the
+    missing pixels (Eq. 6 bound and IWAE bound), on fixed masks seeded with --mask-seed."""
+    from .data import load_dataset
+    from .inpaint import evaluate_inpaint, load_inpaint_model
+
+    model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
+    cfg = model.cfg
+    gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
+    data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, val_size=o.val_size, image_size=cfg.image_size)
+    n = min(o.n_images or len(data), len(data))
+    m = n if o.iwae_images is None else min(o.iwae_images, n)
+    t = time.time()
+    r = evaluate_inpaint(model, data, gen, n, o.k, m, batch_size=o.batch_size, seed=a.seed, mask_seed=o.mask_seed,
+                         device=dev, progress=True, chunk=o.chunk)
+    res = {"task": "inpaint", "nll_of": "missing pixels (nats per image)", "imputation_elbo": r["elbo"]}
+    if "iwae" in r:
+        res.update(imputation_iwae=r["iwae"], iwae_k=r["iwae_k"], iwae_images=r["iwae_images"])
+    res.update(mask=r["mask"], mask_seed=o.mask_seed, missing_pixels_per_image=r["missing_pixels_per_image"],
+               seconds=time.time() - t, step=meta["step"], split=o.split, elbo_images=n,
+               dataset=o.dataset or cfg.dataset)
+    dims = r["missing_pixels_per_image"] * cfg.image_channels
+    if cfg.likelihood != "bernoulli" and dims > 0:  # bits per missing dimension
+        for key in ("imputation_elbo", "imputation_iwae"):
+            if key in res:
+                res[key + "_bits_per_dim"] = res[key] / (dims * math.log(2))
+    _emit(res, o.out)
+    return 0
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [N, 3, H, W] -> uint8 grey [N, 1, H, W] (ITU-R 601 luma)."""
+    w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def _inpaint_data(o: InpaintOptions, a: argparse.Namespace, cfg: MatNetConfig, binary: bool) -> Any:
+    """The images to inpaint: a dataset split, or every image file of --folder resized to the model's size."""
+    from .data import ImageDataset, load_dataset, load_image_folder
+
+    if o.folder is None:
+        data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, image_size=cfg.image_size)
+    else:
+        if o.dataset is not None:
+            raise ValueError("give --folder or --dataset, not both")
+        images = load_image_folder(o.folder, cfg.image_size).load_all()
+        images = _grey(images) if cfg.image_channels == 1 else images
+        data = ImageDataset(images, binarize="dynamic" if binary else None, seed=a.seed)
+    want = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    if tuple(data.shape) != want:
+        raise ValueError(f"the images have shape {tuple(data.shape)} but the model expects {want}")
+    return data
+
+
+def cmd_inpaint(a: argparse.Namespace) -> int:
+    from .inpaint import load_inpaint_model
+    from .masks import fixed_masks
+    from .plots import save_inpaint_grid
+    from .train import pick_device
+
+    o: InpaintOptions = from_args(InpaintOptions, a)
+    _threads(a.threads)
+    dev = pick_device(a.device)
+    model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
+    cfg = model.cfg
+    gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
+    data = _inpaint_data(o, a, cfg, model.dist.binary)
+    g = torch.Generator().manual_seed(a.seed)
+    n = min(o.images, len(data))
+    pick = torch.randperm(len(data), generator=g)[:n].sort().values  # --seed picks the images, masks and draws
+    x = data.to_float(data.images[pick], generator=g).to(dev)
+    m = fixed_masks(gen, n, cfg.image_size, cfg.image_size, seed=a.seed, device=dev)
+    torch.manual_seed(a.seed)
+    imp = model.impute(x, m, o.n, temperature=o.temperature, mean=o.mean)
+    save_inpaint_grid(x, m, imp, o.out, signed=not model.dist.binary)
+    print(f"wrote {o.out}: {n} rows of original, occluded ({gen.spec}) and {o.n} imputations")
+    return 0
+
+
+def cmd_cluster(a: argparse.Namespace) -> int:
+    from . import clustering
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .train import pick_device
+
+    o: ClusterOptions = from_args(ClusterOptions, a)
+    _threads(a.threads)
+    if _task_of(o.checkpoint) != "density":
+        raise ValueError(f"{o.checkpoint} is an inpainting model; cluster needs a model with a mixture prior on z0")
+    model = load_model(o.checkpoint, pick_device(a.device), fast=a.fast, ema=o.ema)
+    prior = model.cfg.prior
+    if prior != "gmm":
+        raise ValueError(f"{o.checkpoint} has no mixture prior on z0 (prior {prior!r}); cluster needs a model "
+                         "trained with --set prior='\"gmm\"'")
+    cfg = model.cfg
+    dataset = o.dataset or cfg.dataset
+    data = load_dataset(dataset, o.split, a.data_dir, image_size=cfg.image_size, seed=a.seed)
+    n = min(o.n_images or len(data), len(data))
+    x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))
+    labels = data.labels[:n] if dataset != "folder" else None  # image folders carry no labels
+    res = clustering.cluster_report(model, x, labels=labels, out_png=o.out)
+    _emit({**res, "images": n, "split": o.split, "dataset": dataset, "out": o.out}, None)
     return 0
 
 
@@ -198,9 +371,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="matnet", description="Matryoshka Networks: train, evaluate, sample.",
+    p = _Parser(prog="matnet", description="Matryoshka Networks: train, evaluate, sample, inpaint, cluster.",
                 epilog="exit codes: 0 done; 2 a user error; 3 training diverged (last good checkpoint kept); "
-                       "4 disk full; 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint")
+                       "4 disk full; 5 stopped before --time-limit after writing a checkpoint; "
+                       "130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -223,15 +397,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(s, SampleOptions)
     add_fields(s, TrainOptions, only=COMMON)
     s.set_defaults(fn=cmd_sample)
+
+    i = sub.add_parser("inpaint", help="write a PNG grid of imputations (paper Fig. 5)")
+    add_fields(i, InpaintOptions)
+    add_fields(i, TrainOptions, only=COMMON)
+    i.set_defaults(fn=cmd_inpaint)
+
+    c = sub.add_parser("cluster", help="mixture-prior models: images per component (Fig. 3) and clustering accuracy")
+    add_fields(c, ClusterOptions)
+    add_fields(c, TrainOptions, only=COMMON)
+    c.set_defaults(fn=cmd_cluster)
     return p
+
+
+def _resolve_ops(a: argparse.Namespace) -> None:
+    """eval, sample, inpaint and cluster take --ops too: `a.fast` is whether their model runs the fused ops."""
+    if hasattr(a, "ops"):
+        from .train import pick_device, use_fast_ops
+
+        a.fast = use_fast_ops(a.ops, pick_device(a.device))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done; 2 a user error (one line on stderr); 3 training diverged;
-    4 disk full; 128 + signal (130 SIGINT, 143 SIGTERM) when stopped after a checkpoint."""
+    4 disk full; 5 stopped before --time-limit after a checkpoint; 128 + signal (130 SIGINT, 143 SIGTERM)
+    when stopped after a checkpoint."""
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
+        _resolve_ops(a)
         return a.fn(a)
     except KeyboardInterrupt:
         print(f"matnet {a.cmd}: interrupted", file=sys.stderr)
@@ -242,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug, not a user error: keep the traceback
         if a.verbose:
             log.exception("details")
-        kind = "stopped" if code is not None and code >= 128 else "error"
+        kind = "stopped" if getattr(e, "resumable", False) else "error"
         msg = " ".join(str(e).split())
         print(f"matnet {a.cmd}: {kind}: {msg}", file=sys.stderr)
         return EXIT_USAGE if code is None else code

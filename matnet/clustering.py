@@ -11,13 +11,14 @@ Class ids are 0..C-1 with C = max(label) + 1; cluster ids are 0..K-1.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["cluster_accuracy", "match_clusters", "confusion"]
+__all__ = ["cluster_accuracy", "match_clusters", "confusion", "cluster_report"]
 
 IntArray = np.ndarray | torch.Tensor | Sequence[int]
 
@@ -72,3 +73,29 @@ def cluster_accuracy(assign: IntArray, labels: IntArray, n_clusters: int | None 
     model's K, so that empty components still count when choosing the rule."""
     conf = confusion(assign, labels, n_clusters)
     return float(conf[np.arange(conf.shape[0]), _match(conf)].sum() / conf.sum())
+
+
+@torch.no_grad()
+def cluster_report(model: torch.nn.Module, data_x: torch.Tensor, labels: IntArray | None = None,
+                   out_png: str | os.PathLike | None = None, batch_size: int = 256, per_row: int = 10) -> dict:
+    """Assign each image of data_x [N, C, H, W] (data space, any device) to a mixture component of z0 with
+    `model.cluster`; report the component sizes and, given labels, the clustering accuracy (Hungarian when
+    K <= number of classes, majority label when K is larger); with out_png, write the Fig. 3 grid (one row of
+    images per non-empty component, `matnet.plots.save_cluster_grid`)."""
+    k = model.cfg.prior_components
+    p = next(model.parameters())
+    assign = torch.cat([model.cluster(data_x[i: i + batch_size].to(p.device, p.dtype)).cpu()
+                        for i in range(0, len(data_x), batch_size)])
+    counts = torch.bincount(assign, minlength=k)
+    report: dict = {"n_images": len(assign), "n_components": k, "n_used": int((counts > 0).sum()),
+                    "counts": counts.tolist()}
+    if labels is not None:
+        n_classes = int(_ids("labels", labels).max()) + 1
+        report["accuracy"] = cluster_accuracy(assign, labels, k)
+        report["matching"] = "hungarian" if k <= n_classes else "majority"
+    if out_png is not None:
+        from .plots import save_cluster_grid
+
+        save_cluster_grid(data_x, assign, k, out_png, signed=not model.dist.binary, per_row=per_row)
+        report["png"] = str(out_png)
+    return report

@@ -172,6 +172,9 @@ class ConditionalMatNet(UsesOps, nn.Module):
     def __init__(self, cfg: MatNetConfig):
         super().__init__()
         cfg.validate()
+        if cfg.prior != "normal" or cfg.infer_reg_weight:
+            # p(z0 | x^k) comes from the generator's BU network (Eq. 3): no mixture prior, and Eq. 13 needs p(x)
+            raise ValueError("a conditional MatNet takes prior='normal' and infer_reg_weight=0")
         self.cfg = cfg
         self.stages = nn.ModuleList(_Stage(cfg, s == cfg.stages - 1) for s in range(cfg.stages))
         self.dist = self.stages[-1].dist

@@ -74,7 +74,7 @@ class MatNetConfig:
     ar_layers: int = 0  # 0 disables; the paper uses about five masked convs
     ar_channels: int = 32
     min_log_scale: float = -7.0
-    # training (the original code's defaults)
+    # training (the paper-spec defaults of this library: not the original Theano code's, see README)
     batch_size: int = 100
     lr: float = 1e-3
     lr_decay_start: float = 0.5  # fraction of steps at constant lr before linear decay
@@ -91,6 +91,12 @@ class MatNetConfig:
     cond_fill: tuple[float, ...] = ()  # missing pixels' value before the networks see them: the training mean,
     #   one per channel or one for all; () = mid-range (0.5 binary, 0 for 8-bit) until `set_fill` sets it
     stage_recon_weight: float = 1.0  # loss weight of each earlier stage's own -log p(x^u | z, x^k); 0: the plain bound
+    # the extensions of section 2.3: mixture prior on z0 (Eq. 12) and the inference regulariser (Eq. 13)
+    prior: str = "normal"  # p(z0): "normal" (N(0, I)) or "gmm" (K learned Gaussians, uniform weights)
+    prior_components: int = 50  # K of the "gmm" prior (the original used 50 on Omniglot)
+    prior_entropy_weight: float = 0.0  # loss += this x mean entropy of q's component posteriors (original: 0.4)
+    infer_reg_weight: float = 0.0  # lambda of Eq. 13 on samples x ~ p(x), inference parameters only; 0 disables
+    infer_reg_start: int = 0  # first training step at which Eq. 13 is applied
 
     def __post_init__(self) -> None:
         self.modules_per_scale = tuple(int(n) for n in self.modules_per_scale)
@@ -141,6 +147,7 @@ class MatNetConfig:
         if self.ar_layers and self.likelihood == "gaussian":
             raise ValueError("the autoregressive decoder needs a discrete likelihood")
         validate_conditional(self)
+        validate_extensions(self)
 
     @property
     def scale_sizes(self) -> tuple[int, ...]:
@@ -199,12 +206,29 @@ def validate_conditional(cfg: MatNetConfig) -> None:
         raise ValueError(f"stage_recon_weight must be a finite number >= 0, got {cfg.stage_recon_weight}")
 
 
+def validate_extensions(cfg: MatNetConfig) -> None:
+    """Checks of the section 2.3 block: mixture prior (Eq. 12) and inference regulariser (Eq. 13)."""
+    if cfg.prior not in ("normal", "gmm"):
+        raise ValueError(f"prior must be 'normal' or 'gmm', got {cfg.prior!r}")
+    if cfg.prior_components < 1:
+        raise ValueError(f"prior_components must be >= 1, got {cfg.prior_components}")
+    for name in ("prior_entropy_weight", "infer_reg_weight"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if cfg.prior_entropy_weight and cfg.prior != "gmm":
+        raise ValueError("prior_entropy_weight needs the mixture prior (prior='gmm')")
+    if cfg.infer_reg_start < 0:
+        raise ValueError(f"infer_reg_start must be >= 0, got {cfg.infer_reg_start}")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a CPU; for tests and smoke runs
     "tiny": dict(
         modules_per_scale=(1, 2), channels=8, z_channels=2, nz0=4, fc_width=16, batch_size=16, steps=200
     ),
-    # the original code's MNIST / Omniglot model: FC top + 5 modules at 7x7 + 5 at 14x14
+    # the paper's MNIST / Omniglot layout (Fig. 4 caption): FC top + 5 modules at 7x7 + 5 at 14x14; 32 channels
+    # (the original code used 64/64/32 channels and FC width 128: not this preset)
     "mnist": dict(),
     "omniglot": dict(dataset="omniglot"),
     # FC top + meta modules at 8x8, 16x16, 32x32 with 2, 4, 4 modules; 8-bit RGB

@@ -29,6 +29,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # validation images taken from the end of the official training set (omniglot: 24345 -> 23000 + 1345)
 DEFAULT_VAL_SIZE = {"mnist": 10000, "fashion-mnist": 10000, "cifar10": 5000, "omniglot": 1345}
 DEFAULT_BINARIZE = {"mnist": "dynamic", "fashion-mnist": "dynamic", "omniglot": "dynamic"}
+HFLIP_DATASETS = ("cifar10",)  # datasets whose training images get random horizontal flips by default
+_NOISE_SEED_OFFSET = 0x9E3779B9  # seed offsets keep the loader's generators independent of each other
+_FLIP_SEED_OFFSET = 0x7F4A7C15
 FOLDER_HOLDOUT_MAX = 5000  # folder datasets: default val/test slice = min(5000, 10% of the files)
 
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -300,27 +303,31 @@ class ImageDataset(Dataset):
 
 
 class BatchLoader:
-    """Fast in-memory shuffling loader (no per-item Python).
+    """Fast in-memory shuffling loader (no per-item Python), with the data held on the training device.
 
-    Iterating yields float32 batches [B,C,H,W] on ``device``; the transform runs per batch (on the CPU for
-    dynamic binarization, so results do not depend on the device), so dynamic binarization draws fresh noise
-    every time an image is used. Deterministic given ``seed``; :meth:`state_dict` / :meth:`load_state_dict`
+    The uint8 images are copied to ``device`` once; every batch is gathered, flipped (``hflip``: each image
+    mirrored left-right with probability 1/2) and converted (dynamic binarization draws fresh noise every
+    time an image is used) on that device, so a GPU never waits on host-side work or copies. The epoch order
+    comes from a CPU generator; the binarization and flip draws from generators on ``device`` (so on a GPU
+    they differ from a CPU run's). Deterministic given ``seed``; :meth:`state_dict` / :meth:`load_state_dict`
     capture the generator states, the epoch and the position inside it, so a loader restored mid-epoch
     yields exactly the batches the original would have.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = True,
-                 seed: int = 0, device: str | torch.device = "cpu"):
+                 seed: int = 0, device: str | torch.device = "cpu", hflip: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
-        self.seed, self.device = seed, torch.device(device)
+        self.seed, self.device, self.hflip = seed, torch.device(device), hflip
         if len(self) == 0:
             raise ValueError(f"dataset of {len(dataset)} images gives no batches of {batch_size} (drop_last)")
+        self.images = dataset.images.to(self.device)  # uint8: 4x smaller than floats, converted per batch
         self._order_gen = torch.Generator().manual_seed(seed)
-        self._noise_gen = torch.Generator().manual_seed(seed + 0x9E3779B9)
+        self._noise_gen = torch.Generator(self.device).manual_seed(seed + _NOISE_SEED_OFFSET)
+        self._flip_gen = torch.Generator(self.device).manual_seed(seed + _FLIP_SEED_OFFSET)
         self.epoch, self.pos = 0, 0  # pos = batches of the current epoch already produced
-        self._perm: torch.Tensor | None = None  # the current epoch's order, drawn lazily
+        self._perm: torch.Tensor | None = None  # the current epoch's order (on the device), drawn lazily
         self._epoch_gen_state = self._order_gen.get_state()
 
     def __len__(self) -> int:
@@ -330,7 +337,13 @@ class BatchLoader:
     def _start_epoch(self) -> None:
         self._epoch_gen_state = self._order_gen.get_state()
         n = len(self.dataset)
-        self._perm = torch.randperm(n, generator=self._order_gen) if self.shuffle else torch.arange(n)
+        perm = torch.randperm(n, generator=self._order_gen) if self.shuffle else torch.arange(n)
+        self._perm = perm.to(self.device)
+
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Mirror each image left-right with probability 1/2 (one draw per image)."""
+        flip = torch.rand(x.shape[0], generator=self._flip_gen, device=x.device) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """The rest of the current epoch (a whole new one if the previous epoch was finished)."""
@@ -339,14 +352,13 @@ class BatchLoader:
         if self.pos >= len(self):
             self.epoch, self.pos = self.epoch + 1, 0
             self._start_epoch()
-        ds, b = self.dataset, self.batch_size
+        b = self.batch_size
         while self.pos < len(self):
-            x = ds.images[self._perm[self.pos * b:(self.pos + 1) * b]]
+            x = self.images[self._perm[self.pos * b:(self.pos + 1) * b]]
             self.pos += 1
-            if ds.binarize == "dynamic":
-                yield ds.to_float(x, self._noise_gen).to(self.device, non_blocking=True)
-            else:
-                yield ds.to_float(x.to(self.device, non_blocking=True))
+            if self.hflip:
+                x = self._flip(x)
+            yield self.dataset.to_float(x, self._noise_gen)
 
     def forever(self) -> Iterator[torch.Tensor]:
         """Endless stream of batches across epochs."""
@@ -356,17 +368,27 @@ class BatchLoader:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "num_images": len(self.dataset),
                 "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
-                "order_gen": self._epoch_gen_state.clone(), "noise_gen": self._noise_gen.get_state()}
+                "hflip": self.hflip, "device_type": self.device.type, "order_gen": self._epoch_gen_state.clone(),
+                "noise_gen": self._noise_gen.get_state(), "flip_gen": self._flip_gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in ("num_images", "batch_size", "shuffle", "drop_last"):
             mine = len(self.dataset) if k == "num_images" else getattr(self, k)
             if state[k] != mine:
                 raise ValueError(f"loader state has {k}={state[k]}, this loader has {mine}")
+        if state.get("hflip", False) != self.hflip:
+            raise ValueError(f"loader state has hflip={state.get('hflip', False)}, this loader has {self.hflip}")
         self._order_gen.set_state(state["order_gen"])  # state at the start of the current epoch
-        self._noise_gen.set_state(state["noise_gen"])
         self._epoch_gen_state, self._perm = state["order_gen"].clone(), None
         self.epoch, self.pos = state["epoch"], state["pos"]
+        if state.get("device_type", "cpu") == self.device.type:
+            self._noise_gen.set_state(state["noise_gen"])
+            if "flip_gen" in state:
+                self._flip_gen.set_state(state["flip_gen"])
+        else:  # another device type's generator states do not fit: continue with fresh, position-derived draws
+            fresh = self.seed + 1_000_003 * (self.epoch + 1) + self.pos
+            self._noise_gen.manual_seed(fresh + _NOISE_SEED_OFFSET)
+            self._flip_gen.manual_seed(fresh + _FLIP_SEED_OFFSET)
 
 
 # -------------------------------------------------------------------------------------------- datasets

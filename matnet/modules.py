@@ -7,6 +7,7 @@ models share parameters and state_dict keys.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import torch
@@ -160,6 +161,48 @@ class FCTop(nn.Module):
         h = F.leaky_relu(self.td_in(z0), self.slope)[:, :, None, None]
         h = F.leaky_relu(self.td_out(self.td_module(h).flatten(1)), self.slope)
         return h.view(-1, *self.shape)
+
+
+class MixturePrior(nn.Module):
+    """Sec. 2.3: p(z0) = (1/K) sum_k N(z0; m_k, diag(exp(lv_k))), a Gaussian mixture with uniform weights learned
+    with the model. Computed in at least fp32 (half-precision activations are upcast), as the ops return KL."""
+
+    def __init__(self, n_components: int, nz0: int):
+        super().__init__()
+        self.means = nn.Parameter(torch.randn(n_components, nz0))  # spread like N(0, I), so components differ
+        self.logvars = nn.Parameter(torch.zeros(n_components, nz0))
+
+    def _params(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dt = torch.promote_types(torch.promote_types(t.dtype, self.means.dtype), torch.float32)
+        return t.to(dt)[:, None], self.means.to(dt), self.logvars.to(dt)
+
+    def component_kl(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """[B, K]: KL(N(mu, exp(logvar)) || p_k), summed over the latent dimensions."""
+        mu, m, lv = self._params(mu)
+        logvar = logvar.to(mu.dtype)[:, None]
+        return 0.5 * (lv - logvar + (logvar.exp() + (mu - m) ** 2) * torch.exp(-lv) - 1).sum(-1)
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 12 with the uniform weights written out: KL(q || p) <= -log sum_k (1/K) exp(-KL(q || p_k)), [B];
+        and log r [B, K], the posterior over components r_k = softmax_k(-KL(q || p_k)) that attains this bound
+        (Eq. 12 = sum_k r_k KL(q || p_k) + KL(r || uniform))."""
+        neg = -self.component_kl(mu, logvar)
+        return math.log(neg.shape[1]) - torch.logsumexp(neg, 1), torch.log_softmax(neg, 1)
+
+    def component_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, K]: log N(z; m_k, exp(lv_k)), summed over the latent dimensions."""
+        z, m, lv = self._params(z)
+        return -0.5 * (reference.LOG_2PI + lv + (z - m) ** 2 * torch.exp(-lv)).sum(-1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """[B]: the exact log p(z0) of the mixture (for importance weights, which Eq. 12 would not keep a bound)."""
+        lp = self.component_log_prob(z)
+        return torch.logsumexp(lp, 1) - math.log(lp.shape[1])
+
+    def sample(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """z0 ~ p(z0) from N(0, I) noise eps [n, nz0]: a uniform component per row, then its Gaussian."""
+        k = torch.randint(self.means.shape[0], (eps.shape[0],), device=eps.device)
+        return self.means[k].to(eps.dtype) + temperature * torch.exp(0.5 * self.logvars[k]).to(eps.dtype) * eps
 
 
 def downsample(channels: int, slope: float) -> nn.Module:

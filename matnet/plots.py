@@ -119,3 +119,58 @@ def plot_nll(rows: list[dict], path: str | os.PathLike, unit: str = "nats") -> N
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+MISSING_RGB = (0.2, 0.45, 1.0)  # occluded pixels in inpainting grids: a blue no grey-level image has
+
+
+def to_display(images: torch.Tensor, signed: bool) -> torch.Tensor:
+    """[N, C, H, W] in data space -> [N, 3, H, W] float in [0, 1] (grey images repeated over RGB)."""
+    x = images.detach().float().cpu()
+    x = ((x + 1) / 2 if signed else x).clamp(0, 1)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def save_image_rows(rows: list[torch.Tensor], path: str | os.PathLike, pad: int = 2, scale: int = 2,
+                    background: float = 0.5) -> None:
+    """A PNG with one row per entry of `rows` (each [n_i, 3, H, W] in [0, 1], display space). Rows may hold
+    different numbers of images: short rows are left blank on the right."""
+    if not rows or any(r.dim() != 4 or r.shape[1] != 3 for r in rows):
+        raise ValueError("save_image_rows needs a non-empty list of [n, 3, H, W] tensors")
+    h, w = rows[0].shape[2:]
+    ncol = max(1, max(len(r) for r in rows))
+    grid = torch.full((3, len(rows) * (h + pad) + pad, ncol * (w + pad) + pad), background)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[:, top: top + h, left: left + w] = img
+    img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def save_inpaint_grid(x: torch.Tensor, mask: torch.Tensor, imputations: torch.Tensor, path: str | os.PathLike,
+                      signed: bool, scale: int = 2) -> None:
+    """Paper Fig. 5: one row per image: the original, the occluded input (missing pixels in MISSING_RGB),
+    then its n imputations. x [B, C, H, W], mask [B, 1, H, W] (1 = missing), imputations [B, n, C, H, W]."""
+    orig = to_display(x, signed)
+    miss = mask.detach().cpu().bool().expand_as(orig)
+    occluded = torch.where(miss, torch.tensor(MISSING_RGB).view(1, 3, 1, 1), orig)
+    rows = [torch.cat([orig[b: b + 1], occluded[b: b + 1], to_display(imputations[b], signed)])
+            for b in range(len(orig))]
+    save_image_rows(rows, path, scale=scale)
+
+
+def save_cluster_grid(images: torch.Tensor, assign: torch.Tensor, n_components: int, path: str | os.PathLike,
+                      signed: bool, per_row: int = 10, scale: int = 2) -> list[int]:
+    """Paper Fig. 3: one row per non-empty mixture component (largest first), holding up to `per_row` of the
+    images assigned to it. images [N, C, H, W] in data space, assign [N] component ids. Returns the
+    components shown, in row order."""
+    assign = assign.detach().cpu()
+    counts = torch.bincount(assign, minlength=n_components)
+    order = [int(k) for k in torch.argsort(counts, descending=True, stable=True) if counts[k] > 0]
+    shown = to_display(images, signed)
+    save_image_rows([shown[(assign == k).nonzero()[:per_row, 0]] for k in order], path, scale=scale)
+    return order

@@ -1,0 +1,134 @@
+"""The inference regulariser (paper Eq. 13): the negative ELBO on the model's own samples, whose gradient reaches
+the inference parameters only; the inference / generator split is a partition of the parameters."""
+
+import pytest
+import torch
+from helpers import random_data
+
+import matnet
+from matnet.regularizers import generator_parameters, inference_parameters, inference_regularizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only spin against each other
+
+TINY = matnet.MatNetConfig.preset("tiny")
+CASES = {
+    "tiny": TINY,
+    "logistic-8bit": TINY.replace(likelihood="logistic"),
+    "gmm": TINY.replace(prior="gmm", prior_components=3),
+    "fc-gru": TINY.replace(fully_connected=True, fc_modules=2),
+    # the cifar10 layout, shrunk: RGB mixture likelihood with the AR reconstruction
+    "cifar10-ar": matnet.MatNetConfig.preset("cifar10", image_size=8, modules_per_scale=(1, 1), channels=8, nz0=4,
+                                             fc_width=16, n_mixtures=2, ar_layers=2, ar_channels=4),
+}
+INFERENCE = ("stem.", "bu.", "bu_down.", "top.bu_", "merge.", "merge_up.")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parameter_split_is_a_partition(name):
+    m = matnet.MatNet(CASES[name])
+    inf, gen = inference_parameters(m), generator_parameters(m)
+    ids_i, ids_g = {id(p) for p in inf}, {id(p) for p in gen}
+    assert len(ids_i) == len(inf) and len(ids_g) == len(gen) and not ids_i & ids_g
+    assert ids_i | ids_g == {id(p) for p in m.parameters()}
+    assert inf and gen
+    for n, p in m.named_parameters():
+        assert (id(p) in ids_i) == n.startswith(INFERENCE), n
+    if m.z0_prior is not None:
+        assert id(m.z0_prior.means) in ids_g
+
+
+def _grads(model, params):
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("cls", [matnet.MatNet, matnet.FastMatNet], ids=["reference", "fast"])
+def test_gradient_reaches_inference_parameters_only(name, cls):
+    """Eq. 13's gradient is the ELBO's gradient on the same samples, restricted to q: the generator's .grad
+    stay untouched (here: a sentinel), the inference parameters get the plain ELBO gradient, nonzero."""
+    cfg = CASES[name]
+    m = cls(cfg)
+    inf, gen = inference_parameters(m), generator_parameters(m)
+    seen = []
+    check = m.check_input
+    m.check_input = lambda x: (seen.append(x), check(x))[1]
+    for p in gen:
+        p.grad = torch.full_like(p, 7.0)
+    torch.manual_seed(3)
+    reg = inference_regularizer(m, 3)
+    reg.backward()
+    assert reg.dim() == 0 and torch.isfinite(reg)
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in gen)
+    got = _grads(m, inf)
+
+    # the samples it trained on: in data space
+    x = seen[-1]
+    assert x.shape == (3, cfg.image_channels, cfg.image_size, cfg.image_size) and not x.requires_grad
+    if cfg.likelihood == "bernoulli":
+        assert set(x.unique().tolist()) <= {0.0, 1.0}
+    else:
+        assert x.min() >= -1 and x.max() <= 1
+        assert torch.allclose(torch.round((x + 1) * 127.5), (x + 1) * 127.5, atol=1e-4)  # 8-bit bin centres
+
+    # the same draw and forward noise through the plain ELBO: the same inference gradients
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    m(m.sample(3)).nll_bound.mean().backward()
+    want = _grads(m, inf)
+    # the first GRU merge reads h_m = 0, so its recurrent weights get no gradient from any loss
+    names = [n for n, p in m.named_parameters() if any(p is q for q in inf)]
+    for n, g, w in zip(names, got, want):
+        assert g is not None, n
+        torch.testing.assert_close(g, w, msg=n)  # the same fp32 computation, only the graph differs
+        assert n == "merge.0.0.update.weight_hh" or g.abs().max() > 0, n
+
+
+def test_adds_to_the_training_loss():
+    """loss + lambda * Eq. 13: generator gradients are those of the loss alone."""
+    m = matnet.MatNet(TINY)
+    x = random_data(TINY, 4)
+    gen = generator_parameters(m)
+    torch.manual_seed(0)
+    m(x).loss.backward()
+    alone = _grads(m, gen)
+    m.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    (m(x).loss + 0.5 * inference_regularizer(m, 2)).backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(alone, gen))
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="n must be"):
+        inference_regularizer(matnet.MatNet(TINY), 0)
+    with pytest.raises(TypeError, match="MatNet"):
+        inference_parameters(matnet.ConditionalMatNet(TINY))
+
+
+def test_trainer_applies_eq13_from_its_start_step_to_the_inference_parameters(tmp_path):
+    """infer_reg_weight in training: no term before infer_reg_start; from then on the logged value, and an update
+    that moves the inference parameters differently while the generator's are exactly those of a run without it
+    (the regulariser draws its samples after the step's own noise, so the first such step sees the same batch)."""
+    from test_train import _opts, _tiny, make_fake_mnist
+
+    from matnet.regularizers import generator_parameters, inference_parameters
+    from matnet.train import Trainer
+
+    (tmp_path / "mnist").mkdir()
+    data = make_fake_mnist(tmp_path / "mnist")
+
+    def run(weight, out):
+        # no clipping: one global norm would couple the two parameter groups
+        tr = Trainer(_tiny().replace(infer_reg_weight=weight, infer_reg_start=1, grad_clip=1e30),
+                     _opts(tmp_path / out, data, steps=2, eval_every=0, ckpt_every=0))
+        stream = tr.loader.forever()
+        rows = [tr.train_step(next(stream)) for _ in range(2)]
+        return tr, rows
+
+    with_reg, rows = run(0.5, "reg")
+    without, _ = run(0.0, "plain")
+    assert "infer_reg" not in rows[0] and rows[1]["infer_reg"] > 0
+    # step 1 (the first with the term) starts from the same weights and noise in both runs
+    gen = zip(generator_parameters(with_reg.model), generator_parameters(without.model))
+    assert all(torch.equal(a, b) for a, b in gen)
+    inf = zip(inference_parameters(with_reg.model), inference_parameters(without.model))
+    assert not all(torch.equal(a, b) for a, b in inf)

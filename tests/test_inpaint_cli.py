@@ -1,0 +1,188 @@
+"""The inpainting task end to end (train --task inpaint, eval's imputation NLL, the Fig. 5 grid, image folders)
+and the cluster command, on tiny models and a small MNIST-format dataset."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import _opts, _tiny, make_fake_mnist
+
+import matnet
+from matnet import cli, plots
+from matnet.checkpoint import load_checkpoint
+from matnet.inpaint import data_mean, load_inpaint_model
+from matnet.masks import fixed_masks
+from matnet.train import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
+
+SCALE, PAD = 2, 2  # plots.save_image_rows' defaults
+
+
+@pytest.fixture(scope="module")
+def fake_mnist(tmp_path_factory):
+    return make_fake_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+def _train(data, out, *extra):
+    argv = ["train", "--preset", "tiny", "--data-dir", data, "--out", str(out), "--steps", "3", "--batch-size", "8",
+            "--val-size", "40", "--eval-every", "0", "--log-every", "1", "--device", "cpu", "--no-progress", *extra]
+    assert cli.main(argv) == 0
+    return str(out / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def inpaint_ckpt(fake_mnist, tmp_path_factory):
+    return _train(fake_mnist, tmp_path_factory.mktemp("inpaint"), "--task", "inpaint", "--mask", "occluders:3x12")
+
+
+@pytest.fixture(scope="module")
+def density_ckpt(fake_mnist, tmp_path_factory):
+    return _train(fake_mnist, tmp_path_factory.mktemp("density"))
+
+
+def _one_error_line(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+def test_train_inpaint_runs_and_resumes_exactly(tmp_path, fake_mnist):
+    kw = dict(task="inpaint", mask="quadrant:14", eval_every=0)
+    straight = Trainer(_tiny(), _opts(tmp_path / "a", fake_mnist, **kw))
+    straight.run()
+    assert isinstance(straight.model, matnet.ConditionalMatNet)
+    torch.testing.assert_close(straight.model.fill.flatten(), torch.tensor(data_mean(straight.train_data)))
+    Trainer(_tiny(), _opts(tmp_path / "b", fake_mnist, **kw)).run(until=3)
+    resumed = Trainer(_tiny(), _opts(tmp_path / "b", fake_mnist, task=None, mask=None, eval_every=0))  # its own
+    assert resumed.step == 3 and resumed.task is not None and resumed.task.gen.spec == "quadrant:14"
+    resumed.run()
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k  # same masks after the resume: the mask generator's state was restored
+    st = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert st["task"] == "inpaint" and st["mask"] == "quadrant:14" and st["step"] == 6
+    assert (tmp_path / "b" / "samples.png").stat().st_size > 200  # the imputation grid
+    with pytest.raises(ValueError, match="--task density"):
+        Trainer(_tiny(), _opts(tmp_path / "b", fake_mnist, task="density"))
+    with pytest.raises(ValueError, match="trains with --mask quadrant:14"):
+        Trainer(_tiny(), _opts(tmp_path / "b", fake_mnist, task="inpaint", mask="drop:0.5"))
+
+
+def test_density_checkpoints_record_their_task(density_ckpt):
+    assert load_checkpoint(density_ckpt)["task"] == "density"
+
+
+def test_eval_reports_the_imputation_nll(inpaint_ckpt, fake_mnist, tmp_path):
+    def run(*extra):
+        out = tmp_path / "e.json"
+        assert cli.main(["eval", inpaint_ckpt, "--data-dir", fake_mnist, "--k", "3", "--n-images", "8",
+                         "--iwae-images", "4", "--batch-size", "4", "--out", str(out), *extra]) == 0
+        return json.loads(out.read_text())
+
+    res = run()
+    assert res["task"] == "inpaint" and res["mask"] == "occluders:3x12" and res["iwae_k"] == 3
+    for key in ("imputation_elbo", "imputation_iwae"):
+        assert np.isfinite(res[key]) and res[key] > 0, res
+    assert 12 * 12 <= res["missing_pixels_per_image"] <= 3 * 12 * 12
+    again = run()  # fixed seeded masks and noise: the same numbers
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
+    quad = run("--mask", "quadrant")
+    assert quad["mask"] == "quadrant:14" and quad["missing_pixels_per_image"] == 14 * 14
+
+
+def _cells(path, rows, cols, size):
+    """The grid's cells as uint8 [rows, cols, size, size, 3], undoing the nearest-neighbour upscaling."""
+    img = np.asarray(Image.open(path).convert("RGB"))
+    assert img.shape[:2] == (SCALE * (rows * (size + PAD) + PAD), SCALE * (cols * (size + PAD) + PAD))
+    img = img[::SCALE, ::SCALE]
+    return np.stack([np.stack([img[PAD + r * (size + PAD):][:size, PAD + c * (size + PAD):][:, :size]
+                               for c in range(cols)]) for r in range(rows)])
+
+
+def test_inpaint_grid_keeps_the_known_pixels(inpaint_ckpt, fake_mnist, tmp_path):
+    out = tmp_path / "grid.png"
+    assert cli.main(["inpaint", inpaint_ckpt, "--data-dir", fake_mnist, "--n", "3", "--images", "4",
+                     "--seed", "5", "--out", str(out)]) == 0
+    cells = _cells(out, 4, 2 + 3, 28)
+    blue = np.round(np.array(plots.MISSING_RGB) * 255).astype(np.uint8)
+    masks = fixed_masks("occluders:3x12", 4, 28, 28, seed=5)[:, 0].bool().numpy()
+    for r in range(4):
+        orig, occluded, imputations = cells[r, 0], cells[r, 1], cells[r, 2:]
+        missing = (occluded == blue).all(-1)
+        assert np.array_equal(missing, masks[r])  # the seeded masks, in order
+        assert np.array_equal(occluded[~missing], orig[~missing])
+        for imp in imputations:
+            assert np.array_equal(imp[~missing], orig[~missing])
+
+
+def test_bad_mask_spec_is_one_line_and_exit_2(fake_mnist, inpaint_ckpt, tmp_path, capsys):
+    rc = cli.main(["train", "--preset", "tiny", "--data-dir", fake_mnist, "--out", str(tmp_path / "r"),
+                   "--task", "inpaint", "--mask", "occluders:3"])
+    assert rc == 2
+    _one_error_line(capsys, "bad mask spec", "occluders:KxD")
+    assert not (tmp_path / "r").exists()  # refused before anything was made
+    assert cli.main(["inpaint", inpaint_ckpt, "--data-dir", fake_mnist, "--mask", "drop:2"]) == 2
+    _one_error_line(capsys, "bad mask spec")
+    assert cli.main(["inpaint", inpaint_ckpt, "--data-dir", fake_mnist, "--mask", "centre:40"]) == 2
+    _one_error_line(capsys, "does not fit")
+    assert cli.main(["train", "--preset", "tiny", "--data-dir", fake_mnist, "--out", str(tmp_path / "r"),
+                     "--mask", "quadrant"]) == 2
+    _one_error_line(capsys, "needs --task inpaint")
+
+
+def test_density_and_inpaint_checkpoints_refuse_each_others_commands(density_ckpt, inpaint_ckpt, fake_mnist,
+                                                                     capsys):
+    assert cli.main(["inpaint", density_ckpt, "--data-dir", fake_mnist]) == 2
+    _one_error_line(capsys, "density model")
+    assert cli.main(["sample", inpaint_ckpt]) == 2
+    _one_error_line(capsys, "matnet inpaint")
+    assert cli.main(["eval", density_ckpt, "--data-dir", fake_mnist, "--mask", "quadrant"]) == 2
+    _one_error_line(capsys, "density model")
+
+
+def _write_pngs(folder, n, rng):
+    folder.mkdir()
+    for i in range(n):  # different sizes and aspect ratios: resized and centre-cropped to the model's size
+        h, w = 20 + 7 * i, 24 + 5 * i
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+
+
+def test_image_folder_input(inpaint_ckpt, fake_mnist, tmp_path):
+    rng = np.random.default_rng(0)
+    _write_pngs(tmp_path / "faces", 5, rng)
+    out = tmp_path / "grid.png"
+    assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces"), "--n", "2", "--out",
+                     str(out)]) == 0  # RGB files into a grey MNIST model
+    _cells(out, 5, 4, 28)  # all 5 images (fewer than --images 8), at the model's size
+
+    # an RGB (8-bit) model trained on an image folder, inpainted from another folder
+    _write_pngs(tmp_path / "train", 20, rng)
+    ck = _train(str(tmp_path / "train"), tmp_path / "rgb", "--task", "inpaint", "--mask", "centre:8", "--val-size",
+                "2", "--set", 'dataset="folder"', "--set", "image_channels=3", "--set", "image_size=16",
+                "--set", 'likelihood="logistic"')
+    model, meta = load_inpaint_model(ck)
+    assert model.cfg.image_channels == 3 and meta["mask"] == "centre:8"
+    assert cli.main(["inpaint", ck, "--folder", str(tmp_path / "faces"), "--n", "2", "--images", "3", "--out",
+                     str(out)]) == 0
+    cells = _cells(out, 3, 4, 16)
+    for r in range(3):
+        known = ~(cells[r, 1] == np.round(np.array(plots.MISSING_RGB) * 255)).all(-1)
+        assert known.sum() == 16 * 16 - 8 * 8
+        assert all(np.array_equal(cells[r, c][known], cells[r, 0][known]) for c in (2, 3))
+
+
+def test_cluster_needs_a_mixture_prior(density_ckpt, fake_mnist, capsys):
+    assert cli.main(["cluster", density_ckpt, "--data-dir", fake_mnist]) == 2
+    _one_error_line(capsys, "no mixture prior")
+
+
+def test_cluster_writes_a_grid_and_the_accuracy(fake_mnist, tmp_path, capsys):
+    ck = _train(fake_mnist, tmp_path / "gmm", "--set", 'prior="gmm"', "--set", "prior_components=3")
+    out = tmp_path / "clusters.png"
+    assert cli.main(["cluster", ck, "--data-dir", fake_mnist, "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["images"] == 40 and res["n_components"] == 3
+    assert Image.open(out).size[0] > 28 and out.stat().st_size > 200
