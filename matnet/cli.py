@@ -388,25 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_fields(t, TrainOptions)
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="ELBO and IWAE bound of a checkpoint")
-    add_fields(e, EvalOptions)
-    add_fields(e, TrainOptions, only=COMMON)
-    e.set_defaults(fn=cmd_eval)
-
-    s = sub.add_parser("sample", help="write a PNG grid of samples")
-    add_fields(s, SampleOptions)
-    add_fields(s, TrainOptions, only=COMMON)
-    s.set_defaults(fn=cmd_sample)
-
-    i = sub.add_parser("inpaint", help="write a PNG grid of imputations (paper Fig. 5)")
-    add_fields(i, InpaintOptions)
-    add_fields(i, TrainOptions, only=COMMON)
-    i.set_defaults(fn=cmd_inpaint)
-
-    c = sub.add_parser("cluster", help="mixture-prior models: images per component (Fig. 3) and clustering accuracy")
-    add_fields(c, ClusterOptions)
-    add_fields(c, TrainOptions, only=COMMON)
-    c.set_defaults(fn=cmd_cluster)
+    for name, options, fn, text in (
+            ("eval", EvalOptions, cmd_eval, "ELBO and IWAE bound of a checkpoint"),
+            ("sample", SampleOptions, cmd_sample, "write a PNG grid of samples"),
+            ("inpaint", InpaintOptions, cmd_inpaint, "write a PNG grid of imputations (paper Fig. 5)"),
+            ("cluster", ClusterOptions, cmd_cluster,
+             "mixture-prior models: images per component (Fig. 3) and clustering accuracy")):
+        q = sub.add_parser(name, help=text)
+        add_fields(q, options)
+        add_fields(q, TrainOptions, only=COMMON)
+        q.set_defaults(fn=fn)
     return p
 
 

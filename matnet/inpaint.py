@@ -138,45 +138,16 @@ def evaluate_inpaint(model: ConditionalMatNet, data: ImageDataset, mask: str | M
     of `data` and the IWAE bound on -log p(x^u | x^k) ("iwae") on the first `iwae_images`, each image with the
     same fixed mask (`fixed_masks(mask, ..., seed=mask_seed)`, whatever the batch size). Like `train.evaluate`,
     it runs under a forked RNG seeded with `seed`."""
-    from .train import progress_bar
+    from .train import evaluate
 
-    if n_images < 1 or batch_size < 1 or iwae_k < 0 or iwae_images < 0:
-        raise ValueError(f"evaluate_inpaint needs n_images >= 1, batch_size >= 1, iwae_k >= 0 and iwae_images >= 0; "
-                         f"got {n_images}, {batch_size}, {iwae_k}, {iwae_images}")
-    device = device or next(model.parameters()).device
     n = min(n_images, len(data))
-    m_all = iwae_images if iwae_k else 0
     _, H, W = data.shape
-    masks = fixed_masks(mask, max(n, min(m_all, len(data))), H, W, seed=mask_seed)
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    res: dict = {"mask": masks_spec(mask), "mask_seed": mask_seed,
-                 "missing_pixels_per_image": masks[:n].sum().item() / n}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        tot, kl_tot = 0.0, None
-        for i in range(0, n, batch_size):
-            j = min(n, i + batch_size)
-            x = data.to_float(data.images[i:j], generator=gen).to(device)
-            out = model(x, masks[i:j].to(device))
-            tot += out.nll_bound.sum().item()
-            kl_tot = out.kl.sum(0) if kl_tot is None else kl_tot + out.kl.sum(0)
-        res["elbo"] = tot / n
-        res["kl_per_module"] = (kl_tot / n).tolist()
-        if iwae_k and iwae_images:
-            m = min(iwae_images, len(data))
-            bs = max(1, min(batch_size, m))
-            vals = []
-            bar = progress_bar(iterable=range(0, m, bs), desc=f"IWAE k={iwae_k}", disable=not progress, leave=False)
-            for i in bar:
-                j = min(m, i + bs)
-                x = data.to_float(data.images[i:j], generator=gen).to(device)
-                vals.append(model.iwae_nll(x, masks[i:j].to(device), k=iwae_k, chunk=chunk).double().cpu())
-                bar.set_postfix(nll=f"{torch.cat(vals).mean().item():.2f}", refresh=False)
-            res.update(iwae=torch.cat(vals).mean().item(), iwae_k=iwae_k, iwae_images=m)
-    model.train(was_training)
-    return res
+    masks = fixed_masks(mask, max(n, min(iwae_images if iwae_k else 0, len(data))), H, W, seed=mask_seed)
+    dev = device or next(model.parameters()).device
+    res = evaluate(model, data, n_images, iwae_k, iwae_images, batch_size, seed, device, progress, chunk,
+                   extra_inputs=lambda i, j: (masks[i:j].to(dev),))
+    return {"mask": masks_spec(mask), "mask_seed": mask_seed, "missing_pixels_per_image": masks[:n].sum().item() / n,
+            **res}
 
 
 def masks_spec(mask: str | MaskGenerator) -> str:

@@ -333,9 +333,11 @@ def set_rng_state(st: dict) -> None:
 @torch.no_grad()
 def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, iwae_images: int = 0,
              batch_size: int = 100, seed: int = 1234, device: torch.device | None = None,
-             progress: bool = False, chunk: int | None = None) -> dict:
+             progress: bool = False, chunk: int | None = None,
+             extra_inputs: Callable[[int, int], tuple] | None = None) -> dict:
     """ELBO on the first `n_images` of `data`, and the IWAE bound on the first `iwae_images`
-    (`iwae_k` or `iwae_images` 0: no IWAE bound).
+    (`iwae_k` or `iwae_images` 0: no IWAE bound). extra_inputs(i, j): further model arguments for images
+    i..j-1 (a conditional model's masks), after x.
 
     Runs under a forked RNG with a fixed seed: results are reproducible and training's random
     stream is untouched (so resumed runs stay exact)."""
@@ -343,6 +345,7 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
         raise ValueError(f"evaluate needs n_images >= 1, batch_size >= 1, iwae_k >= 0 and iwae_images >= 0; "
                          f"got {n_images}, {batch_size}, {iwae_k}, {iwae_images}")
     device = device or next(model.parameters()).device
+    more = extra_inputs or (lambda i, j: ())
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -352,8 +355,9 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
         n = min(n_images, len(data))
         tot, kl_tot = 0.0, None
         for i in range(0, n, batch_size):
-            x = data.to_float(data.images[i: min(n, i + batch_size)], generator=gen).to(device)
-            out = model(x)
+            j = min(n, i + batch_size)
+            x = data.to_float(data.images[i:j], generator=gen).to(device)
+            out = model(x, *more(i, j))
             tot += out.nll_bound.sum().item()
             kls = out.kl.sum(0)
             kl_tot = kls if kl_tot is None else kl_tot + kls
@@ -365,8 +369,9 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
             vals = []
             bar = progress_bar(iterable=range(0, m, bs), desc=f"IWAE k={iwae_k}", disable=not progress, leave=False)
             for i in bar:
-                x = data.to_float(data.images[i: min(m, i + bs)], generator=gen).to(device)
-                vals.append(model.iwae_nll(x, k=iwae_k, chunk=chunk).double().cpu())
+                j = min(m, i + bs)
+                x = data.to_float(data.images[i:j], generator=gen).to(device)
+                vals.append(model.iwae_nll(x, *more(i, j), k=iwae_k, chunk=chunk).double().cpu())
                 bar.set_postfix(nll=f"{torch.cat(vals).mean().item():.2f}", refresh=False)
             res["iwae"] = torch.cat(vals).mean().item()
             res["iwae_k"] = iwae_k
