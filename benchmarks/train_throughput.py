@@ -1,0 +1,86 @@
+"""Training throughput of `matnet train` in images/s, side by side: fp32 against bf16 autocast, NCHW against
+channels_last, eager against compiled, reference ops against fused ops, and 1 process against 2 (gloo).
+
+    python benchmarks/train_throughput.py --preset cifar10 --data-dir DIR [--steps 10] [--rounds 1]
+
+Each setting is a real `matnet train` run (the data pipeline, optimizer and guards included) with the same seed
+and batch; images/s is read from its metrics rows after the first (which holds start-up and compilation). The
+settings run one after another in each round and the best round is kept, so every ratio comes from one run of
+this script. The 2-process setting gives each process half the threads of the 1-process ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SETTINGS: list[tuple[str, list[str], int]] = [  # name, extra flags, processes
+    ("reference ops, fp32, NCHW, eager", ["--ops", "reference"], 1),
+    ("reference ops, bf16, NCHW, eager", ["--ops", "reference", "--precision", "bf16"], 1),
+    ("reference ops, fp32, channels_last, eager", ["--ops", "reference", "--channels-last"], 1),
+    ("reference ops, fp32, NCHW, compiled", ["--ops", "reference", "--compile"], 1),
+    ("fused ops, fp32, NCHW, eager", ["--ops", "fast"], 1),
+    ("fused ops, fp32, channels_last, eager", ["--ops", "fast", "--channels-last"], 1),
+    ("fused ops, bf16, channels_last, eager", ["--ops", "fast", "--channels-last", "--precision", "bf16"], 1),
+    ("fused ops, fp32, channels_last, compiled", ["--ops", "fast", "--channels-last", "--compile"], 1),
+    ("fused ops, fp32, channels_last, eager, 2 processes (gloo)", ["--ops", "fast", "--channels-last"], 2),
+]
+
+
+def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) -> float:
+    """images/s of one `matnet train` run: the median of its metrics rows after the first."""
+    threads = max(1, a.threads // procs)
+    train = ["train", "--preset", a.preset, "--steps", str(a.steps), "--log-every", "2", "--eval-every", "0",
+             "--ckpt-every", "0", "--no-resume", "--no-progress", "--threads", str(threads), "--out", str(out),
+             *(["--data-dir", a.data_dir] if a.data_dir else []), *(["--batch-size", str(a.batch)] if a.batch else []),
+             *flags]
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+              if procs > 1 else [sys.executable])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run([*launch, "-m", "matnet", *train], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"matnet train {' '.join(flags)} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    speeds = [row["images_per_s"] for row in rows if row.get("split") == "train"][1:]
+    if not speeds:
+        raise SystemExit(f"no timed metrics rows: raise --steps above 2 (got {a.steps})")
+    return statistics.median(speeds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="cifar10")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $MATNET_DATA_DIR)")
+    p.add_argument("--batch", type=int, default=0, help="global batch (0: the preset's)")
+    p.add_argument("--steps", type=int, default=10, help="training steps per setting, > 2")
+    p.add_argument("--rounds", type=int, default=1, help="rounds over all settings (the best is kept)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per setting")
+    p.add_argument("--only", default="", help="comma-separated setting numbers (1-based) to run")
+    p.add_argument("--json", default=None, help="also write the table here")
+    a = p.parse_args(argv)
+    chosen = [SETTINGS[int(i) - 1] for i in a.only.split(",")] if a.only else SETTINGS
+    best: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            for i, (name, flags, procs) in enumerate(chosen):
+                ips = run_setting(flags, procs, a, Path(tmp) / f"run{r}_{i}")
+                best[name] = max(best.get(name, 0.0), ips)
+                print(f"round {r + 1}: {name:58s} {ips:8.1f} images/s", file=sys.stderr, flush=True)
+    base = best[chosen[0][0]]
+    print(f"\n{a.preset}, global batch {a.batch or 'of the preset'}, {a.threads} threads, best of {a.rounds}")
+    print(f"| setting | images/s | vs {chosen[0][0]} |\n|---|---:|---:|")
+    for name in best:
+        print(f"| {name} | {best[name]:.1f} | {best[name] / base:.2f}x |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(best, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
