@@ -7,6 +7,7 @@ ends in one line on stderr and a non-zero exit code (see `main`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from . import distributed
 from .config import PRESETS, MatNetConfig, check_field_types
 from .masks import SPEC_FORMS, parse_mask_spec
 from .train import EXIT_USAGE, TrainOptions, strict_json
@@ -30,6 +32,8 @@ log = logging.getLogger("matnet.cli")
 CONFIG_FLAGS = ("dataset", "batch_size", "lr", "channels", "kl_warmup_steps", "ema_rate", "ar_layers")
 # TrainOptions fields that eval and sample take too
 COMMON = ("device", "data_dir", "seed", "threads", "ops")
+# the commands that run as one job under torchrun (each rank its share); the others are single-process
+DISTRIBUTED_COMMANDS = ("train", "eval")
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -51,13 +55,19 @@ class EvalOptions:
     out: str | None = _f(None, "also write the result as JSON here")
     mask: str | None = _f(None, "inpainting checkpoints: the test masks' spec (default: the checkpoint's)")
     mask_seed: int = _f(0, "inpainting checkpoints: seed of the fixed test masks, >= 0")
+    finetune_inference_epochs: int = _f(0, "then fine-tune only the inference network for this many epochs on the "
+                                           "evaluated images and report the bounds again as *_finetuned (the "
+                                           "original code: 199; 0: off); the checkpoint is not changed")
+    finetune_lr: float = _f(3e-5, "Adam learning rate of that fine-tuning, > 0 (the original: 1e-5 to 3e-5)")
 
     def __post_init__(self) -> None:
         check_field_types(self)
         _at_least(self, {"n_images": 1, "batch_size": 1, "chunk": 1, "k": 0, "iwae_images": 0, "val_size": 0,
-                         "mask_seed": 0})
+                         "mask_seed": 0, "finetune_inference_epochs": 0})
         if self.mask is not None:
             parse_mask_spec(self.mask)
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise ValueError(f"--finetune-lr must be a finite number > 0, got {self.finetune_lr}")
 
 
 @dataclass
@@ -117,7 +127,7 @@ def _at_least(opts: Any, lows: dict[str, int]) -> None:
     for name, low in lows.items():
         v = getattr(opts, name)
         if v is not None and v < low:
-            off = " (0: off)" if low == 0 and name in ("k", "iwae_images") else ""
+            off = " (0: off)" if low == 0 and name in ("k", "iwae_images", "finetune_inference_epochs") else ""
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}{off}, got {v}")
 
 
@@ -184,8 +194,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = _config_from_args(a)
     opts = from_args(TrainOptions, a)
     res = train(cfg, opts)
-    print(json.dumps(strict_json({k: v for k, v in res.items() if not isinstance(v, list)})))
-    print(f"outputs in {opts.out_dir}: checkpoint.pt metrics.jsonl nll.png samples.png kl_per_module.png")
+    if distributed.is_main():
+        print(json.dumps(strict_json({k: v for k, v in res.items() if not isinstance(v, list)})))
+        print(f"outputs in {opts.out_dir}: checkpoint.pt metrics.jsonl nll.png samples.png kl_per_module.png")
     return 0
 
 
@@ -196,33 +207,43 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     o: EvalOptions = from_args(EvalOptions, a)
     _threads(a.threads)
-    dev = pick_device(a.device)
+    dev = distributed.rank_device(pick_device(a.device))  # under torchrun: the images split over the ranks
     if _task_of(o.checkpoint) == "inpaint":
+        if o.finetune_inference_epochs:
+            raise ValueError("--finetune-inference-epochs is for density checkpoints, not inpainting ones")
         return _eval_inpaint(o, a, dev)
     if o.mask is not None:
         raise ValueError(f"--mask is for inpainting checkpoints; {o.checkpoint} is a density model")
     model = load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, val_size=o.val_size,
-                        image_size=cfg.image_size)
+                        image_size=cfg.image_size, binarize=cfg.binarize)
     n = min(o.n_images or len(data), len(data))
     m = n if o.iwae_images is None else min(o.iwae_images, n)
     t = time.time()
     res = evaluate(model, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev, progress=True,
                    chunk=o.chunk)
+    if o.finetune_inference_epochs:  # on a copy of the model: the checkpoint and `model` stay as they are
+        from .finetune import finetune_inference
+
+        tuned = finetune_inference(model, data, n, o.finetune_inference_epochs, o.finetune_lr, o.batch_size,
+                                   seed=a.seed, device=dev, progress=True)
+        ft = evaluate(tuned, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev, progress=True,
+                      chunk=o.chunk)
+        res.update({f"{key}_finetuned": ft[key] for key in ("elbo", "iwae") if key in ft})
+        res.update(finetune_inference_epochs=o.finetune_inference_epochs, finetune_lr=o.finetune_lr,
+                   finetune_images=n, bounds="elbo, iwae: the checkpoint's model; elbo_finetuned, iwae_finetuned: "
+                   "the same generator with its inference network fine-tuned on these images first")
     res["seconds"] = time.time() - t
     res["step"] = load_checkpoint(o.checkpoint).get("step")
     res.update(split=o.split, elbo_images=n, dataset=o.dataset or cfg.dataset)
     if cfg.likelihood != "bernoulli":
         bpd = 1.0 / (cfg.data_dims * math.log(2))
-        res["elbo_bits_per_dim"] = res["elbo"] * bpd
-        if "iwae" in res:
-            res["iwae_bits_per_dim"] = res["iwae"] * bpd
+        for key in ("elbo", "iwae", "elbo_finetuned", "iwae_finetuned"):
+            if key in res:
+                res[key + "_bits_per_dim"] = res[key] * bpd
     res.pop("kl_per_module", None)
-    res = strict_json(res)
-    print(json.dumps(res))
-    if o.out:
-        Path(o.out).write_text(json.dumps(res, indent=2))
+    _emit(res, o.out)
     return 0
 
 
@@ -244,7 +265,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def _emit(res: dict, out: str | None) -> None:
-    """Print a result as one JSON line (and write it to `out` when given)."""
+    """Print a result as one JSON line (and write it to `out` when given); rank 0's job under torchrun."""
+    if not distributed.is_main():
+        return
     res = strict_json(res)
     print(json.dumps(res))
     if out:
@@ -267,7 +290,8 @@ def _eval_inpaint(o: EvalOptions, a: argparse.Namespace, dev: torch.device) -> i
     model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
-    data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, val_size=o.val_size, image_size=cfg.image_size)
+    data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, val_size=o.val_size, image_size=cfg.image_size,
+                        binarize=cfg.binarize)
     n = min(o.n_images or len(data), len(data))
     m = n if o.iwae_images is None else min(o.iwae_images, n)
     t = time.time()
@@ -354,7 +378,7 @@ def cmd_cluster(a: argparse.Namespace) -> int:
                          "trained with --set prior='\"gmm\"'")
     cfg = model.cfg
     dataset = o.dataset or cfg.dataset
-    data = load_dataset(dataset, o.split, a.data_dir, image_size=cfg.image_size, seed=a.seed)
+    data = load_dataset(dataset, o.split, a.data_dir, image_size=cfg.image_size, binarize=cfg.binarize)
     n = min(o.n_images or len(data), len(data))
     x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))
     labels = data.labels[:n] if dataset != "folder" else None  # image folders carry no labels
@@ -415,6 +439,11 @@ def main(argv: list[str] | None = None) -> int:
     when stopped after a checkpoint."""
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    with distributed.session(a.device) if a.cmd in DISTRIBUTED_COMMANDS else contextlib.nullcontext():
+        return _run(a)
+
+
+def _run(a: argparse.Namespace) -> int:
     try:
         _resolve_ops(a)
         return a.fn(a)
@@ -429,7 +458,9 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("details")
         kind = "stopped" if getattr(e, "resumable", False) else "error"
         msg = " ".join(str(e).split())
-        print(f"matnet {a.cmd}: {kind}: {msg}", file=sys.stderr)
+        r = distributed.rank()
+        if r == 0 or not getattr(e, "same_on_all_ranks", False):  # an outcome all ranks agreed on: rank 0 says it
+            print(f"{f'[rank {r}] ' if r else ''}matnet {a.cmd}: {kind}: {msg}", file=sys.stderr)
         return EXIT_USAGE if code is None else code
 
 

@@ -29,15 +29,27 @@ from .distributions import (
     OutputDistribution,
     make_output_distribution,
 )
-from .model import MatNet, MatNetOutput, _Trace
-from .modules import BUModule, GRUMergeModule, MergeModule, ResidualBlock, UsesOps, downsample, upsample
+from .model import MatNet, MatNetOutput, _Trace, clip_logits
+from .modules import (
+    BUModule,
+    GRUMergeModule,
+    MergeModule,
+    ResidualBlock,
+    UsesOps,
+    downsample,
+    make_out_up,
+    make_stem,
+    orthogonal_init_,
+    scale_latent,
+    upsample,
+)
 
 
-def _widths(cfg: MatNetConfig) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-    """(state channels, kernel size, modules per meta module, spatial sizes), as in MatNet."""
+def _widths(cfg: MatNetConfig) -> tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, ...]]:
+    """(state channels of each meta module, kernel size, modules per meta module, spatial sizes), as in MatNet."""
     if cfg.fully_connected:
-        return cfg.fc_width, 1, (cfg.fc_modules,), (1,)
-    return cfg.channels, cfg.kernel_size, cfg.modules_per_scale, cfg.scale_sizes
+        return (cfg.fc_width,), 1, (cfg.fc_modules,), (1,)
+    return cfg.scale_widths, cfg.kernel_size, cfg.modules_per_scale, cfg.scale_sizes
 
 
 class _GRUUpdate(nn.GRUCell):
@@ -56,24 +68,23 @@ class _Encoder(nn.Module):
     def __init__(self, cfg: MatNetConfig, in_channels: int):
         super().__init__()
         s = cfg.slope
-        C, k, counts, sizes = _widths(cfg)
+        W, k, counts, sizes = _widths(cfg)
         self.cfg, self.counts = cfg, counts
         if cfg.fully_connected:
-            self.stem = nn.Linear(in_channels * cfg.image_size**2, C)
+            self.stem = nn.Linear(in_channels * cfg.image_size**2, W[0])
         else:
-            stem = [nn.Conv2d(in_channels, C, k, padding=k // 2), nn.LeakyReLU(s)]
-            self.stem = nn.Sequential(*stem, *[downsample(C, s) for _ in range(cfg.stem_downsample)])
-        self.bu = nn.ModuleList(nn.ModuleList(BUModule(C, k, s) for _ in range(m)) for m in counts)
-        self.bu_down = nn.ModuleList(downsample(C, s) for _ in range(len(counts) - 1))
+            self.stem = make_stem(in_channels, cfg.stem_width, W[-1], cfg.stem_downsample, k, s)
+        self.bu = nn.ModuleList(nn.ModuleList(BUModule(W[j], k, s) for _ in range(m)) for j, m in enumerate(counts))
+        self.bu_down = nn.ModuleList(downsample(W[j + 1], s, W[j]) for j in range(len(counts) - 1))
         # z0 head: last BU state -> FC -> residual FC module -> [mu0; logvar0] (FCTop.encode's form)
-        self.z0_in = nn.Linear(C * sizes[0] ** 2, cfg.fc_width)
+        self.z0_in = nn.Linear(W[0] * sizes[0] ** 2, cfg.fc_width)
         self.z0_module = BUModule(cfg.fc_width, 1, s)
         self.z0_out = nn.Linear(cfg.fc_width, 2 * cfg.nz0)
         gru = cfg.fully_connected and cfg.fc_update == "gru"
         self.merge = nn.ModuleList(nn.ModuleList(
-            GRUMergeModule(C, cfg.z_channels) if gru else MergeModule(C, cfg.z_channels, k, s) for _ in range(m))
-            for m in counts)
-        self.merge_up = nn.ModuleList(upsample(C, s) for _ in range(len(counts) - 1))
+            GRUMergeModule(W[j], cfg.z_channels) if gru else MergeModule(W[j], cfg.z_channels, k, s)
+            for _ in range(m)) for j, m in enumerate(counts))
+        self.merge_up = nn.ModuleList(upsample(W[j], s, W[j + 1]) for j in range(len(counts) - 1))
 
     def z0(self, h_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.leaky_relu(self.z0_in(h_b.flatten(1)), self.cfg.slope)[:, :, None, None]
@@ -88,30 +99,37 @@ class _Stage(nn.Module):
     def __init__(self, cfg: MatNetConfig, final: bool):
         super().__init__()
         s, ci = cfg.slope, cfg.image_channels
-        C, k, counts, sizes = _widths(cfg)
+        W, k, counts, sizes = _widths(cfg)
         self.cfg = cfg
         self.gen = _Encoder(cfg, ci + 1)  # [x_fill, mask]
         self.inf = _Encoder(cfg, 2 * ci + 1)  # [x, x_fill, mask]
         # TD top (FCTop.decode's form): z0 -> FC -> residual FC module -> FC -> the first TD state
-        self.shape = (C, sizes[0], sizes[0])
+        self.shape = (W[0], sizes[0], sizes[0])
         self.top_in = nn.Linear(cfg.nz0, cfg.fc_width)
         self.top_module = BUModule(cfg.fc_width, 1, s)
-        self.top_out = nn.Linear(cfg.fc_width, C * sizes[0] ** 2)
+        self.top_out = nn.Linear(cfg.fc_width, W[0] * sizes[0] ** 2)
         gru = cfg.fully_connected and cfg.fc_update == "gru"
         self.td = nn.ModuleList(nn.ModuleList(
-            _GRUUpdate(cfg.z_channels, C) if gru else ResidualBlock(C, cfg.z_channels, k, s) for _ in range(m))
-            for m in counts)
-        self.td_up = nn.ModuleList(upsample(C, s) for _ in range(len(counts) - 1))
+            _GRUUpdate(cfg.z_channels, W[j]) if gru else ResidualBlock(W[j], cfg.z_channels, k, s)
+            for _ in range(m)) for j, m in enumerate(counts))
+        self.td_up = nn.ModuleList(upsample(W[j], s, W[j + 1]) for j in range(len(counts) - 1))
         self.dist = make_output_distribution(cfg)
         n_params = self.dist.n_params()
         if cfg.fully_connected:
             self.out_up: nn.Module = nn.Identity()
-            self.out: nn.Module = nn.Linear(C, n_params * cfg.image_size**2)
+            self.out: nn.Module = nn.Linear(W[0], n_params * cfg.image_size**2)
+            out_w = W[0]
         else:
-            self.out_up = nn.Sequential(*[upsample(C, s) for _ in range(cfg.stem_downsample)])
-            self.out = nn.Conv2d(C, n_params, k, padding=k // 2)
+            out_w = cfg.stem_width if cfg.stem_downsample else W[-1]
+            self.out_up = make_out_up(W[-1], out_w, cfg.stem_downsample, s)
+            self.out = nn.Conv2d(out_w, n_params, k, padding=k // 2)
         # only the last stage: an AR term reads x (teacher forcing), so an earlier stage's guess could not use it
-        self.ar = ARDecoder(ci, C, n_params, cfg.ar_layers, cfg.ar_channels, s) if cfg.ar_layers and final else None
+        self.ar = ARDecoder(ci, out_w, n_params, cfg.ar_layers, cfg.ar_channels, s) \
+            if cfg.ar_layers and final else None
+        if cfg.ortho_init_gain:
+            orthogonal_init_(self, cfg.ortho_init_gain)
+        # the original's latent scaling, one scalar per stage (a conditional MatNet of the original code each)
+        self.latent_scale = nn.Parameter(torch.tensor(float(cfg.latent_scale))) if cfg.latent_scale else None
 
     def top(self, z0: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.top_in(z0), self.cfg.slope)[:, :, None, None]
@@ -242,11 +260,12 @@ class ConditionalMatNet(UsesOps, nn.Module):
                   priors: list | None = None) -> torch.Tensor:
         """One stage's TD pass; returns the last TD output at image resolution. With BU states of the inference
         net (bu_q), z ~ q(z | x^k, x^u) (Eq. 4) and p(z | x^k) (Eq. 3) only scores it; without, z ~ p(z | x^k)."""
-        mu_p, logvar_p = stage.gen.z0(bu_g[0][0])  # p(z0 | x^k)
+        sc = stage.latent_scale
+        mu_p, logvar_p = scale_latent(sc, *stage.gen.z0(bu_g[0][0]))  # p(z0 | x^k)
         if bu_q is None:
             z = self._prior_draw(mu_p, logvar_p, temperature, priors)
         else:
-            z = self._stochastic(*stage.inf.z0(bu_q[0][0]), mu_p, logvar_p, trace)
+            z = self._stochastic(*scale_latent(sc, *stage.inf.z0(bu_q[0][0])), mu_p, logvar_p, trace)
         h_t = stage.top(z)
         h_g = torch.zeros_like(h_t)
         h_q = torch.zeros_like(h_t)
@@ -256,11 +275,12 @@ class ConditionalMatNet(UsesOps, nn.Module):
                 h_q = stage.inf.merge_up[j - 1](h_q) if bu_q is not None else h_q
             for i, td in enumerate(tds):
                 h_g, mu_p, logvar_p = stage.gen.merge[j][i](h_g, bu_g[j][i], h_t)  # Eq. 3: p(z_i | h^{m:g}_{i+1})
+                mu_p, logvar_p = scale_latent(sc, mu_p, logvar_p)
                 if bu_q is None:
                     z = self._prior_draw(mu_p, logvar_p, temperature, priors)
                 else:
                     h_q, mu_q, logvar_q = stage.inf.merge[j][i](h_q, bu_q[j][i], h_t)  # Eq. 4: q(z_i | h^{m:i}_{i+1})
-                    z = self._stochastic(mu_q, logvar_q, mu_p, logvar_p, trace)
+                    z = self._stochastic(*scale_latent(sc, mu_q, logvar_q), mu_p, logvar_p, trace)
                 h_t = td(h_t, z)  # Eq. 7
         return stage.out_up(h_t)
 
@@ -366,7 +386,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
         size = self.cfg.image_size
         for i, j in m.any(0)[0].nonzero().tolist():
             r = min(size, i + 1 + reach)
-            params = base[:, :, :r] + stage.ar(x[:, :, :r], h[:, :, :r])
+            params = clip_logits(self.cfg, base[:, :, :r] + stage.ar(x[:, :, :r], h[:, :, :r]))
             miss = m[:, :, i, j]
             shown[:, :, i, j] = torch.where(miss, pick(params)[:, :, i, j], shown[:, :, i, j])
             if shown is not x:

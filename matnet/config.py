@@ -60,6 +60,9 @@ class MatNetConfig:
     modules_per_scale: tuple[int, ...] = (5, 5)
     stem_downsample: int = 1  # stride-2 stages between the image and the finest meta module
     channels: int = 32
+    scale_channels: tuple[int, ...] = ()  # channels of each meta module, top-down; () = `channels` at every scale
+    stem_channels: int = 0  # channels of the stem and output stages finer than the finest meta module (needs
+    #   stem_downsample > 0: the original's 28x28 stage); 0 = the finest meta module's channels
     z_channels: int = 4  # latent channels per stochastic module
     nz0: int = 32  # size of the top latent z0
     fc_width: int = 128
@@ -74,13 +77,29 @@ class MatNetConfig:
     ar_layers: int = 0  # 0 disables; the paper uses about five masked convs
     ar_channels: int = 32
     min_log_scale: float = -7.0
-    # training (the paper-spec defaults of this library: not the original Theano code's, see README)
+    # initialisation and output scaling of the original Theano code (0 = off: this library's defaults)
+    ortho_init_gain: float = 0.0  # > 0: orthogonal weights with this gain and zero biases (original: 1.1)
+    latent_scale: float = 0.0  # > 0: a trainable scalar, initialised to this, multiplies every latent mean and
+    #   log-variance (priors and posteriors, z0 included), one per model (per stage of a conditional one)
+    logit_clip: float = 0.0  # > 0: Bernoulli logits clamped to [-logit_clip, logit_clip] (original: 15)
+    binarize: str = "auto"  # binary datasets: "dynamic" (fresh draws), "fixed" (one seeded draw per image,
+    #   matnet.data.FIXED_BINARIZE_SEED) or "auto" (the dataset's default: dynamic)
+    # training (this library's paper-spec defaults; the *_orig presets carry the original Theano code's, see README)
     batch_size: int = 100
     lr: float = 1e-3
     lr_decay_start: float = 0.5  # fraction of steps at constant lr before linear decay
     lr_final: float = 0.0  # fraction of lr reached at the last step
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 200.0
+    adam_eps: float = 1e-8
+    grad_clip: float = 200.0  # max grad norm; with separate_adams, of each parameter group
+    separate_adams: bool = False  # generator and inference parameters in two Adam groups, clipped separately
+    l2_penalty: float = 0.0  # loss += l2_penalty * sum of squares of every parameter (biases included)
+    lr_schedule: str = "linear"  # "linear": constant for lr_decay_start of the steps, then linear to lr_final;
+    #   "epochs": the original's, halved after each epoch of lr_halve_epochs, linear to 0 from lr_linear_from_epoch
+    steps_per_epoch: int = 0  # epoch length of the "epochs" schedule, in steps
+    lr_halve_epochs: tuple[int, ...] = ()  # halve lr after these epochs (1-based: 5 = from the 6th epoch on)
+    adam_beta1_target: float | None = None  # at each halving, beta1 moves halfway toward this (None: fixed)
+    lr_linear_from_epoch: int = 0  # first epoch (1-based) of the linear decay to 0 at the run's end; 0: none
     skip_threshold: float = 0.0  # skip updates whose grad norm exceeds this (0 disables)
     kl_warmup_steps: int = 0
     ema_rate: float = 0.0  # 0 disables EMA weights
@@ -101,6 +120,8 @@ class MatNetConfig:
     def __post_init__(self) -> None:
         self.modules_per_scale = tuple(int(n) for n in self.modules_per_scale)
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        self.scale_channels = tuple(self.scale_channels)
+        self.lr_halve_epochs = tuple(self.lr_halve_epochs)
         self.validate()
 
     def validate(self) -> None:
@@ -148,6 +169,7 @@ class MatNetConfig:
             raise ValueError("the autoregressive decoder needs a discrete likelihood")
         validate_conditional(self)
         validate_extensions(self)
+        validate_original(self)
 
     @property
     def scale_sizes(self) -> tuple[int, ...]:
@@ -155,6 +177,16 @@ class MatNetConfig:
         finest = self.image_size // 2**self.stem_downsample
         n = len(self.modules_per_scale)
         return tuple(finest // 2 ** (n - 1 - i) for i in range(n))
+
+    @property
+    def scale_widths(self) -> tuple[int, ...]:
+        """Channels of each meta module, top-down (convolutional MatNets)."""
+        return self.scale_channels or (self.channels,) * len(self.modules_per_scale)
+
+    @property
+    def stem_width(self) -> int:
+        """Channels of the stem and output stages above the finest meta module's resolution."""
+        return self.stem_channels or self.scale_widths[-1]
 
     @property
     def n_stochastic(self) -> int:
@@ -172,6 +204,8 @@ class MatNetConfig:
         d = dataclasses.asdict(self)
         d["modules_per_scale"] = list(self.modules_per_scale)
         d["adam_betas"] = list(self.adam_betas)
+        d["scale_channels"] = list(self.scale_channels)
+        d["lr_halve_epochs"] = list(self.lr_halve_epochs)
         return d
 
     @classmethod
@@ -222,15 +256,74 @@ def validate_extensions(cfg: MatNetConfig) -> None:
         raise ValueError(f"infer_reg_start must be >= 0, got {cfg.infer_reg_start}")
 
 
+def validate_original(cfg: MatNetConfig) -> None:
+    """Checks of the original code's options: per-scale widths, init, latent scale, logit clip, binarization,
+    optimizer and epoch schedule."""
+    if cfg.scale_channels:
+        if cfg.fully_connected or len(cfg.scale_channels) != len(cfg.modules_per_scale):
+            raise ValueError(f"scale_channels needs one width per meta module of a convolutional MatNet "
+                             f"({len(cfg.modules_per_scale)}), got {cfg.scale_channels}")
+        if min(cfg.scale_channels) < 1:
+            raise ValueError(f"scale_channels must be >= 1, got {cfg.scale_channels}")
+    if cfg.stem_channels < 0 or (cfg.stem_channels and (cfg.fully_connected or not cfg.stem_downsample)):
+        raise ValueError(f"stem_channels must be 0, or >= 1 with stem_downsample > 0, got {cfg.stem_channels}")
+    for name in ("ortho_init_gain", "latent_scale", "logit_clip", "l2_penalty"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {v}")
+    if cfg.logit_clip and cfg.likelihood != "bernoulli":
+        raise ValueError("logit_clip needs the bernoulli likelihood")
+    if cfg.binarize not in ("auto", "dynamic", "fixed"):
+        raise ValueError(f"binarize must be 'auto', 'dynamic' or 'fixed', got {cfg.binarize!r}")
+    if cfg.binarize != "auto" and cfg.likelihood != "bernoulli":
+        raise ValueError(f"binarize={cfg.binarize!r} needs the bernoulli likelihood")
+    if not (math.isfinite(cfg.adam_eps) and cfg.adam_eps > 0):
+        raise ValueError(f"adam_eps must be a finite number > 0, got {cfg.adam_eps}")
+    if cfg.lr_schedule not in ("linear", "epochs"):
+        raise ValueError(f"lr_schedule must be 'linear' or 'epochs', got {cfg.lr_schedule!r}")
+    epochal = cfg.lr_halve_epochs or cfg.lr_linear_from_epoch or cfg.adam_beta1_target is not None
+    if cfg.lr_schedule == "linear" and epochal:
+        raise ValueError("lr_halve_epochs, lr_linear_from_epoch and adam_beta1_target need lr_schedule='epochs'")
+    if cfg.lr_schedule == "epochs" and cfg.steps_per_epoch < 1:
+        raise ValueError(f"lr_schedule='epochs' needs steps_per_epoch >= 1, got {cfg.steps_per_epoch}")
+    if cfg.steps_per_epoch < 0 or cfg.lr_linear_from_epoch < 0 or any(e < 1 for e in cfg.lr_halve_epochs):
+        raise ValueError("steps_per_epoch and lr_linear_from_epoch must be >= 0, lr_halve_epochs >= 1")
+    if cfg.adam_beta1_target is not None and not 0.0 <= cfg.adam_beta1_target < 1.0:
+        raise ValueError(f"adam_beta1_target must lie in [0, 1), got {cfg.adam_beta1_target}")
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a CPU; for tests and smoke runs
     "tiny": dict(
         modules_per_scale=(1, 2), channels=8, z_channels=2, nz0=4, fc_width=16, batch_size=16, steps=200
     ),
-    # the paper's MNIST / Omniglot layout (Fig. 4 caption): FC top + 5 modules at 7x7 + 5 at 14x14; 32 channels
-    # (the original code used 64/64/32 channels and FC width 128: not this preset)
+    # paper-spec: the paper's MNIST / Omniglot layout (Fig. 4 caption), FC top + 5 modules at 7x7 + 5 at 14x14,
+    # with this library's widths (32 channels everywhere), default init and single Adam; not the original code's
+    # settings, which are the *_orig presets below
     "mnist": dict(),
     "omniglot": dict(dataset="omniglot"),
+    # the original Theano code (ModelBuilders.build_mnist_conv_res, TestMNIST_conv.py): 64 channels at 7x7 and
+    # 14x14, 32 at 28x28, FC width 128; two Adams (b1 0.8 raised halfway to 0.95 at each halving, b2 0.98,
+    # eps 1e-4), each clipped at 1000; L2 1e-5; lr 1e-3 halved after epochs 5, 15, 30, 60, 100, then linear to 0
+    # over epochs 151-300 of 600 steps (60,000 fixed-binarized images / batch 100: train with --val-size 0);
+    # orthogonal init (gain 1.1), latent means / log-variances x a trainable 0.2, logits clipped to +-15
+    "mnist_orig": dict(
+        channels=64, scale_channels=(64, 64), stem_channels=32, fc_width=128, binarize="fixed",
+        batch_size=100, lr=1e-3, adam_betas=(0.8, 0.98), adam_eps=1e-4, separate_adams=True, grad_clip=1000.0,
+        l2_penalty=1e-5, lr_schedule="epochs", steps_per_epoch=600, lr_halve_epochs=(5, 15, 30, 60, 100),
+        adam_beta1_target=0.95, lr_linear_from_epoch=151, steps=300 * 600, ortho_init_gain=1.1,
+        latent_scale=0.2, logit_clip=15.0,
+    ),
+    # Omniglot in the original: 128 / 64 / 32 channels, FC width 256, dynamic binarization, halvings after
+    # epochs 10, 25, 50, 150 and 500 epochs, linear decay over the last half (251-500) as for MNIST; an epoch
+    # is 243 steps (the 24,345 training images of chardata.mat / batch 100: train with --val-size 0)
+    "omniglot_orig": dict(
+        dataset="omniglot", channels=64, scale_channels=(128, 64), stem_channels=32, fc_width=256,
+        binarize="dynamic", batch_size=100, lr=1e-3, adam_betas=(0.8, 0.98), adam_eps=1e-4, separate_adams=True,
+        grad_clip=1000.0, l2_penalty=1e-5, lr_schedule="epochs", steps_per_epoch=243,
+        lr_halve_epochs=(10, 25, 50, 150), adam_beta1_target=0.95, lr_linear_from_epoch=251, steps=500 * 243,
+        ortho_init_gain=1.1, latent_scale=0.2, logit_clip=15.0,
+    ),
     # FC top + meta modules at 8x8, 16x16, 32x32 with 2, 4, 4 modules; 8-bit RGB
     "cifar10": dict(
         dataset="cifar10",

@@ -32,6 +32,7 @@ DEFAULT_BINARIZE = {"mnist": "dynamic", "fashion-mnist": "dynamic", "omniglot": 
 HFLIP_DATASETS = ("cifar10",)  # datasets whose training images get random horizontal flips by default
 _NOISE_SEED_OFFSET = 0x9E3779B9  # seed offsets keep the loader's generators independent of each other
 _FLIP_SEED_OFFSET = 0x7F4A7C15
+FIXED_BINARIZE_SEED = 0  # "fixed" binarization: seed of the one draw per image (the test file's: this + 1)
 FOLDER_HOLDOUT_MAX = 5000  # folder datasets: default val/test slice = min(5000, 10% of the files)
 
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -312,14 +313,20 @@ class BatchLoader:
     they differ from a CPU run's). Deterministic given ``seed``; :meth:`state_dict` / :meth:`load_state_dict`
     capture the generator states, the epoch and the position inside it, so a loader restored mid-epoch
     yields exactly the batches the original would have.
+
+    ``rows`` (one process of a multi-process run): yield only these rows of each global batch of ``batch_size``.
+    Every process draws the same order, and the flip and binarization draws are made for the whole global
+    batch, so image i of a batch is the same whatever the number of processes (and the state is theirs too).
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, shuffle: bool = True, drop_last: bool = True,
-                 seed: int = 0, device: str | torch.device = "cpu", hflip: bool = False):
+                 seed: int = 0, device: str | torch.device = "cpu", hflip: bool = False, rows: slice | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if rows is not None and not drop_last:
+            raise ValueError("rows of a global batch need drop_last (every batch full)")
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, batch_size, shuffle, drop_last
-        self.seed, self.device, self.hflip = seed, torch.device(device), hflip
+        self.seed, self.device, self.hflip, self.rows = seed, torch.device(device), hflip, rows
         if len(self) == 0:
             raise ValueError(f"dataset of {len(dataset)} images gives no batches of {batch_size} (drop_last)")
         self.images = dataset.images.to(self.device)  # uint8: 4x smaller than floats, converted per batch
@@ -342,7 +349,9 @@ class BatchLoader:
 
     def _flip(self, x: torch.Tensor) -> torch.Tensor:
         """Mirror each image left-right with probability 1/2 (one draw per image)."""
-        flip = torch.rand(x.shape[0], generator=self._flip_gen, device=x.device) < 0.5
+        flip = torch.rand(x.shape[0] if self.rows is None else self.batch_size, generator=self._flip_gen,
+                          device=x.device) < 0.5
+        flip = flip if self.rows is None else flip[self.rows]
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -354,11 +363,19 @@ class BatchLoader:
             self._start_epoch()
         b = self.batch_size
         while self.pos < len(self):
-            x = self.images[self._perm[self.pos * b:(self.pos + 1) * b]]
+            idx = self._perm[self.pos * b:(self.pos + 1) * b]
+            x = self.images[idx if self.rows is None else idx[self.rows]]
             self.pos += 1
             if self.hflip:
                 x = self._flip(x)
-            yield self.dataset.to_float(x, self._noise_gen)
+            yield self._to_float(x)
+
+    def _to_float(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return self.dataset.to_float(x, self._noise_gen)
+        whole = x.new_zeros((self.batch_size, *x.shape[1:]))  # binarization noise is drawn per global row
+        whole[self.rows] = x
+        return self.dataset.to_float(whole, self._noise_gen)[self.rows]
 
     def forever(self) -> Iterator[torch.Tensor]:
         """Endless stream of batches across epochs."""
@@ -424,14 +441,15 @@ def _folder_split(root: Path, split: str, val_size: int | None) -> list[Path]:
 
 def load_dataset(name: str, split: str, data_dir: str | os.PathLike | None = None, *,
                  binarize: str | None = "auto", val_size: int | None = None, image_size: int = 64,
-                 seed: int = 0) -> ImageDataset:
+                 seed: int = FIXED_BINARIZE_SEED) -> ImageDataset:
     """Load ``split`` ("train" | "val" | "test") of dataset ``name`` as an :class:`ImageDataset`.
 
     "val" is the last ``val_size`` images of the official training set and "train" excludes them
     (defaults: ``DEFAULT_VAL_SIZE``; folders: min(5000, 10%)); ``val_size=0`` keeps everything in "train".
     ``binarize="auto"`` means "dynamic" for mnist/fashion-mnist/omniglot and None (8-bit) otherwise;
-    "fixed" binarization uses ``seed``. Image folders are resized/cropped to ``image_size`` and decoded into
-    memory; see :func:`_folder_split` for how they are split.
+    "fixed" binarization draws once over the whole official file, with ``seed`` (train file; ``seed + 1``: test
+    file), so an image is binarized the same in every epoch, run and ``val_size``. Image folders are
+    resized/cropped to ``image_size`` and decoded into memory; see :func:`_folder_split` for how they are split.
     """
     _check_choice("dataset", name, DATASETS)
     _check_choice("split", split, SPLITS)
@@ -442,6 +460,8 @@ def load_dataset(name: str, split: str, data_dir: str | os.PathLike | None = Non
     else:
         load = {"cifar10": load_cifar10, "omniglot": load_omniglot}.get(name, load_mnist)
         images, labels = load(root, "test" if split == "test" else "train")
+        if binarize == "fixed":  # drawn before the held-out split, so image i's draw never depends on it
+            images = ImageDataset(images, binarize="fixed", seed=seed + (split == "test")).images
         if split != "test":
             v = _holdout(name, val_size, len(images))
             if split == "val" and v == 0:

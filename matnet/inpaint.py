@@ -20,6 +20,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .conditional import ConditionalMatNet, FastConditionalMatNet
 from .config import MatNetConfig
 from .data import ImageDataset
+from .distributed import Rows
 from .masks import SPEC_FORMS, MaskGenerator, fixed_masks, parse_mask_spec
 
 TASKS = ("density", "inpaint")
@@ -103,10 +104,12 @@ class InpaintTask:
             model.set_fill(data_mean(train_data))
         return model
 
-    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, a fresh mask batch); masks are drawn on the CPU so they do not depend on the device."""
+    def inputs(self, x: torch.Tensor, rows: Rows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, a fresh mask batch); masks are drawn on the CPU so they do not depend on the device. `rows`: x is
+        these rows of a global batch (one rank's share); masks are drawn for the whole batch and these rows kept."""
         B, _, H, W = x.shape
-        return x, self.gen(B, H, W, generator=self.rng).to(x.device, non_blocking=True)
+        m = self.gen(B if rows is None else rows.total, H, W, generator=self.rng)
+        return x, (m if rows is None else m[rows.slice]).to(x.device, non_blocking=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"task": self.name, "mask": self.gen.spec, "mask_rng": self.rng.get_state()}

@@ -22,6 +22,10 @@ from .modules import (
     TDModule,
     UsesOps,
     downsample,
+    make_out_up,
+    make_stem,
+    orthogonal_init_,
+    scale_latent,
     upsample,
 )
 from .ops import reference
@@ -40,6 +44,11 @@ class MatNetOutput:
     recon_nll: torch.Tensor  # [B] -log p(x | z)
     kl: torch.Tensor  # [B, n_stochastic] KL(q(z_i | .) || p(z_i | .)), z0 first, then TD modules top-down
     log_weight: torch.Tensor | None = None  # [B] log p(x, z) - log q(z | x) at the sampled z
+
+
+def clip_logits(cfg: MatNetConfig, params: torch.Tensor) -> torch.Tensor:
+    """The original's output clip: Bernoulli logits clamped to +-cfg.logit_clip (0: unchanged)."""
+    return params.clamp(-cfg.logit_clip, cfg.logit_clip) if cfg.logit_clip else params
 
 
 class _Trace:
@@ -64,49 +73,52 @@ class MatNet(UsesOps, nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        s = cfg.slope
-        C, k = cfg.channels, cfg.kernel_size
+        s, k = cfg.slope, cfg.kernel_size
         if cfg.fully_connected:
-            C, k = cfg.fc_width, 1
+            k = 1
+            W: tuple[int, ...] = (cfg.fc_width,)  # channels of each meta module, top-down
             self.scale_sizes: tuple[int, ...] = (1,)
             counts: tuple[int, ...] = (cfg.fc_modules,)
-            self.stem = nn.Linear(cfg.data_dims, C)
+            self.stem = nn.Linear(cfg.data_dims, W[0])
         else:
-            self.scale_sizes = cfg.scale_sizes
-            counts = cfg.modules_per_scale
-            stem = [nn.Conv2d(cfg.image_channels, C, k, padding=k // 2), nn.LeakyReLU(s)]
-            stem += [downsample(C, s) for _ in range(cfg.stem_downsample)]
-            self.stem = nn.Sequential(*stem)
+            W, self.scale_sizes, counts = cfg.scale_widths, cfg.scale_sizes, cfg.modules_per_scale
+            self.stem = make_stem(cfg.image_channels, cfg.stem_width, W[-1], cfg.stem_downsample, k, s)
         self.counts = counts
         n = len(counts)
         gru = cfg.fully_connected and cfg.fc_update == "gru"
         # BU meta modules, listed top-down like everything else; bu_down[j] joins scale j+1 to scale j
-        self.bu = nn.ModuleList(nn.ModuleList(BUModule(C, k, s) for _ in range(m)) for m in counts)
-        self.bu_down = nn.ModuleList(downsample(C, s) for _ in range(n - 1))
-        self.top = FCTop(C, self.scale_sizes[0], cfg.nz0, cfg.fc_width, s)
+        self.bu = nn.ModuleList(nn.ModuleList(BUModule(W[j], k, s) for _ in range(m)) for j, m in enumerate(counts))
+        self.bu_down = nn.ModuleList(downsample(W[j + 1], s, W[j]) for j in range(n - 1))
+        self.top = FCTop(W[0], self.scale_sizes[0], cfg.nz0, cfg.fc_width, s)
         self.z0_prior = MixturePrior(cfg.prior_components, cfg.nz0) if cfg.prior == "gmm" else None
         if gru:
             self.td = nn.ModuleList(
-                nn.ModuleList(GRUTDModule(C, cfg.z_channels, s) for _ in range(m)) for m in counts)
+                nn.ModuleList(GRUTDModule(W[j], cfg.z_channels, s) for _ in range(m)) for j, m in enumerate(counts))
             self.merge = nn.ModuleList(
-                nn.ModuleList(GRUMergeModule(C, cfg.z_channels) for _ in range(m)) for m in counts)
+                nn.ModuleList(GRUMergeModule(W[j], cfg.z_channels) for _ in range(m)) for j, m in enumerate(counts))
         else:
-            self.td = nn.ModuleList(
-                nn.ModuleList(TDModule(C, cfg.z_channels, k, s) for _ in range(m)) for m in counts)
-            self.merge = nn.ModuleList(
-                nn.ModuleList(MergeModule(C, cfg.z_channels, k, s) for _ in range(m)) for m in counts)
-        self.td_up = nn.ModuleList(upsample(C, s) for _ in range(n - 1))
-        self.merge_up = nn.ModuleList(upsample(C, s) for _ in range(n - 1))
+            self.td = nn.ModuleList(nn.ModuleList(TDModule(W[j], cfg.z_channels, k, s) for _ in range(m))
+                                    for j, m in enumerate(counts))
+            self.merge = nn.ModuleList(nn.ModuleList(MergeModule(W[j], cfg.z_channels, k, s) for _ in range(m))
+                                       for j, m in enumerate(counts))
+        self.td_up = nn.ModuleList(upsample(W[j], s, W[j + 1]) for j in range(n - 1))
+        self.merge_up = nn.ModuleList(upsample(W[j], s, W[j + 1]) for j in range(n - 1))
         self.dist = make_output_distribution(cfg)
         n_params = self.dist.n_params()
         if cfg.fully_connected:
             self.out_up = nn.Identity()
-            self.out = nn.Linear(C, n_params * cfg.image_size**2)
+            self.out = nn.Linear(W[0], n_params * cfg.image_size**2)
+            out_w = W[0]
         else:
-            self.out_up = nn.Sequential(*[upsample(C, s) for _ in range(cfg.stem_downsample)])
-            self.out = nn.Conv2d(C, n_params, k, padding=k // 2)
-        self.ar = ARDecoder(cfg.image_channels, C, n_params, cfg.ar_layers, cfg.ar_channels, s) \
+            out_w = cfg.stem_width if cfg.stem_downsample else W[-1]
+            self.out_up = make_out_up(W[-1], out_w, cfg.stem_downsample, s)
+            self.out = nn.Conv2d(out_w, n_params, k, padding=k // 2)
+        self.ar = ARDecoder(cfg.image_channels, out_w, n_params, cfg.ar_layers, cfg.ar_channels, s) \
             if cfg.ar_layers else None
+        if cfg.ortho_init_gain:
+            orthogonal_init_(self, cfg.ortho_init_gain)
+        # the original's latent scaling (a generator parameter there, as here: see matnet.regularizers)
+        self.latent_scale = nn.Parameter(torch.tensor(float(cfg.latent_scale))) if cfg.latent_scale else None
         self.set_ops(self.default_ops)
 
     def set_ops(self, name: str) -> None:
@@ -196,7 +208,7 @@ class MatNet(UsesOps, nn.Module):
 
     def top_down(self, bu: list[list[torch.Tensor]], trace: _Trace) -> torch.Tensor:
         """Inference pass (Eq. 2, 7, 8, 10, 11): returns the last TD output at image resolution."""
-        mu0, logvar0 = self.top.encode(bu[0][0])  # f_0^b reads the final BU state
+        mu0, logvar0 = scale_latent(self.latent_scale, *self.top.encode(bu[0][0]))  # f_0^b reads the final BU state
         z0 = self._stochastic_z0(mu0, logvar0, trace)
         h_t = self.top.decode(z0).contiguous(memory_format=self.feature_layout())
         h_m = torch.zeros_like(h_t)
@@ -204,8 +216,9 @@ class MatNet(UsesOps, nn.Module):
             if j > 0:
                 h_t, h_m = self.td_up[j - 1](h_t), self.merge_up[j - 1](h_m)
             for td, merge, h_b in zip(tds, merges, bu[j]):
-                mu_p, logvar_p = td.prior(h_t)
+                mu_p, logvar_p = scale_latent(self.latent_scale, *td.prior(h_t))
                 h_m, mu_q, logvar_q = merge(h_m, h_b, h_t)
+                mu_q, logvar_q = scale_latent(self.latent_scale, mu_q, logvar_q)
                 z = self._stochastic(mu_q, logvar_q, mu_p, logvar_p, trace)
                 h_t = td(h_t, z)
         return self.out_up(h_t)
@@ -220,7 +233,7 @@ class MatNet(UsesOps, nn.Module):
             if j > 0:
                 h_t = self.td_up[j - 1](h_t)
             for td in tds:
-                mu_p, logvar_p = td.prior(h_t)
+                mu_p, logvar_p = scale_latent(self.latent_scale, *td.prior(h_t))
                 eps = self.noise(mu_p.shape, mu_p.device)
                 h_t = td(h_t, mu_p + temperature * torch.exp(0.5 * logvar_p) * eps)
         return self.out_up(h_t)
@@ -229,11 +242,11 @@ class MatNet(UsesOps, nn.Module):
         """Parameters of p(x | z) from the last TD output (and, with AR reconstruction, from x)."""
         if self.cfg.fully_connected:
             s = self.cfg.image_size
-            return self.out(h.flatten(1)).view(h.shape[0], -1, s, s)
+            return clip_logits(self.cfg, self.out(h.flatten(1)).view(h.shape[0], -1, s, s))
         params = self.out(h)
         if self.ar is not None:
             params = params + self.ar(x, h)
-        return params
+        return clip_logits(self.cfg, params)
 
     # ---- public API -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, kl_weight: float = 1.0, return_log_weight: bool = False) -> MatNetOutput:
@@ -288,7 +301,7 @@ class MatNet(UsesOps, nn.Module):
         if self.z0_prior is None:
             raise ValueError("cluster needs a mixture prior on z0 (cfg.prior='gmm')")
         self.check_input(x)
-        mu0, _ = self.top.encode(self.bottom_up(x)[0][0])
+        mu0, _ = scale_latent(self.latent_scale, *self.top.encode(self.bottom_up(x)[0][0]))
         return self.z0_prior.component_log_prob(mu0).argmax(1)
 
     @torch.no_grad()
@@ -309,7 +322,7 @@ class MatNet(UsesOps, nn.Module):
         for i in range(cfg.image_size):  # raster order: pixel (i, j) sees only pixels before it
             r = min(cfg.image_size, i + 1 + reach)  # rows past r cannot reach row i: crop for speed
             for j in range(cfg.image_size):
-                params = base[:, :, :r] + self.ar(x[:, :, :r], h[:, :, :r])
+                params = clip_logits(cfg, base[:, :, :r] + self.ar(x[:, :, :r], h[:, :, :r]))
                 shown[:, :, i, j] = pick(params)[:, :, i, j]
                 if shown is not x:
                     x[:, :, i, j] = self.dist.sample(params)[:, :, i, j]

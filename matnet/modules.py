@@ -205,11 +205,53 @@ class MixturePrior(nn.Module):
         return self.means[k].to(eps.dtype) + temperature * torch.exp(0.5 * self.logvars[k]).to(eps.dtype) * eps
 
 
-def downsample(channels: int, slope: float) -> nn.Module:
-    """Joins two meta modules going up (BU): a stride-2 conv halves the spatial size."""
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.LeakyReLU(slope))
+def downsample(channels: int, slope: float, out: int | None = None) -> nn.Module:
+    """Joins two meta modules going up (BU): a stride-2 conv halves the spatial size (channels -> out)."""
+    return nn.Sequential(nn.Conv2d(channels, out or channels, 3, stride=2, padding=1), nn.LeakyReLU(slope))
 
 
-def upsample(channels: int, slope: float) -> nn.Module:
+def upsample(channels: int, slope: float, out: int | None = None) -> nn.Module:
     """Joins two meta modules going down (TD, merge): a stride-2 transposed conv doubles the size."""
-    return nn.Sequential(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(slope))
+    return nn.Sequential(nn.ConvTranspose2d(channels, out or channels, 4, stride=2, padding=1), nn.LeakyReLU(slope))
+
+
+def make_stem(in_channels: int, width: int, out: int, n_down: int, kernel_size: int, slope: float) -> nn.Sequential:
+    """Image -> the finest meta module: conv (in_channels -> width) + lrelu, then n_down stride-2 stages, the
+    last ending at `out` channels (with n_down = 0 the conv goes straight to `out`)."""
+    k = kernel_size
+    width = width if n_down else out
+    layers = [nn.Conv2d(in_channels, width, k, padding=k // 2), nn.LeakyReLU(slope)]
+    layers += [downsample(width, slope, out if i == n_down - 1 else width) for i in range(n_down)]
+    return nn.Sequential(*layers)
+
+
+def make_out_up(channels: int, width: int, n_up: int, slope: float) -> nn.Sequential:
+    """The finest meta module -> image resolution: n_up stride-2 transposed convs (channels -> width)."""
+    return nn.Sequential(*[upsample(channels if i == 0 else width, slope, width) for i in range(n_up)])
+
+
+def orthogonal_init_(model: nn.Module, gain: float) -> None:
+    """The original code's init: every conv, transposed-conv, linear and GRU weight orthogonal (torch's
+    `orthogonal_` on the weight flattened to [size(0), -1]) times `gain`, every bias of those layers 0. Other
+    parameters (latent scale, mixture prior) keep their own init."""
+    from .autoregressive import MaskedConv2d
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, MaskedConv2d)):
+                weights, biases = [m.weight], [m.bias]
+            elif isinstance(m, nn.GRUCell):
+                weights, biases = [m.weight_ih, m.weight_hh], [m.bias_ih, m.bias_hh]
+            else:
+                continue
+            for w in weights:
+                nn.init.orthogonal_(w, gain)
+            for b in biases:
+                if b is not None:
+                    b.zero_()
+
+
+def scale_latent(scale: torch.Tensor | None, mu: torch.Tensor, logvar: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original's latent scaling: a head's mean and log-variance times the model's trainable scalar."""
+    return (mu, logvar) if scale is None else (scale * mu, scale * logvar)

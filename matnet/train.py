@@ -7,6 +7,10 @@ Options for speed at scale: mixed precision (autocast; fp16 with a checkpointed 
 channels_last, torch.compile, fused ops, gradient accumulation, LR warm-up and large-batch LR scaling,
 fused Adam on CUDA, a wall-clock time limit and time-based checkpoints.
 
+Under torchrun (WORLD_SIZE > 1) the same Trainer runs on every rank with DDP (matnet.distributed): each
+rank holds its rows of the global batch, noise and augmentation are drawn per global example, every
+decision (skip, stop, checkpoint) is taken on all-reduced values, and rank 0 alone writes files.
+
 Exit codes of `matnet train` (see the README): 0 done, 2 a user error, 3 training diverged
 (`TrainingDiverged`), 4 disk full, 5 stopped before --time-limit after a checkpoint (`TimeLimitReached`),
 128 + signal number after a checkpoint on SIGTERM (143) or SIGINT (130) (`Preempted`)."""
@@ -19,12 +23,14 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import resource
 import signal
 import sys
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,13 +41,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import plots
+from . import distributed, plots
 from .checkpoint import DiskFullError, RunLock, load_checkpoint, remove_stale_temps, save_checkpoint
+from .conditional import ConditionalMatNet
 from .config import MatNetConfig, check_field_types
 from .data import HFLIP_DATASETS, BatchLoader, ImageDataset, load_dataset
+from .distributed import Rows
 from .inpaint import TASKS, InpaintTask, resolve
 from .masks import SPEC_FORMS, parse_mask_spec
-from .model import MatNet
+from .model import IWAE_IMAGES_PER_PASS, MatNet
+from .optim import apply_schedule, build_optimizer, clip_gradients, lr_factor, warmup_factor  # noqa: F401 re-export
 from .regularizers import inference_regularizer
 
 log = logging.getLogger("matnet.train")
@@ -55,12 +64,16 @@ OPS = ("auto", "fast", "reference")
 LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # lr x (batch / base batch) ** power
 AUGMENT = ("auto", "hflip", "none")
 PROGRESS_INTERVAL_NOT_TTY = 5.0  # seconds between progress-bar refreshes into a log file
+# test hook, read by Trainer._poison_grads_for_tests only: "R:S" makes rank R's gradients NaN at step S, "R:S-"
+# from step S on (comma-separated specs add up); the multi-process tests use it to check that every rank skips
+POISON_ENV = "MATNET_TEST_POISON_RANK_STEP"
 
 
 class TrainingDiverged(RuntimeError):
     """Updates kept being skipped (or the weights went non-finite); the last good checkpoint is kept."""
 
     exit_code = EXIT_DIVERGED
+    same_on_all_ranks = True  # decided on agreed values: ranks > 0 leave the message to rank 0
 
 
 class TimeLimitReached(Exception):
@@ -68,6 +81,7 @@ class TimeLimitReached(Exception):
 
     exit_code = EXIT_TIME_LIMIT
     resumable = True
+    same_on_all_ranks = True
 
     def __init__(self, step: int, minutes: float):
         super().__init__(f"stopped at step {step} before the {minutes:g}-minute --time-limit; checkpoint written, "
@@ -85,6 +99,8 @@ class CompileUnavailable(RuntimeError):
 
 class Preempted(Exception):
     """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    same_on_all_ranks = True
 
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written, "
@@ -251,19 +267,6 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def lr_factor(step: int, total: int, decay_start: float, final: float) -> float:
-    """Constant for the first `decay_start` fraction of training, then linear down to `final`."""
-    start = int(decay_start * total)
-    if step < start or total <= start:
-        return 1.0
-    return 1.0 - (1.0 - final) * min(1.0, (step - start) / (total - start))
-
-
-def warmup_factor(step: int, warmup_steps: int) -> float:
-    """Linear LR warm-up: (step + 1) / warmup_steps for the first warmup_steps steps, then 1."""
-    return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-
-
 def scaled_lr(lr: float, batch_size: int, base_batch: int, rule: str) -> float:
     """The large-batch LR rule: lr x (batch_size / base_batch) ** p with p = LR_SCALING[rule]."""
     return lr * (batch_size / base_batch) ** LR_SCALING[rule]
@@ -284,21 +287,43 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class MicroBatchNoise:
-    """Stands in for `model.noise` under gradient accumulation: each draw is made for the whole global batch
-    and micro-batch k of n keeps its own rows. With the RNG rewound to the same state before every
-    micro-batch, example i then gets the same noise as in a step without accumulation."""
+    """Stands in for `model.noise` so that noise is drawn per example of the global batch. While `rows` is set
+    (the batch being run is rows lo..hi-1 of a global batch: a micro-batch of --grad-accum, a rank's shard, or
+    both) each draw is made for the whole global batch and these rows are kept; a draw for R stacked copies of
+    the batch (the IWAE bound's samples, sample-major) keeps these rows of each copy. With the RNG in the same
+    state before every micro-batch and on every rank, example i gets the noise of a one-process step without
+    accumulation."""
 
     def __init__(self, model: torch.nn.Module):
         self.draw: Callable[..., torch.Tensor] = model.noise
-        self.part: tuple[int, int] | None = None  # (k, n) while micro-batch k of n runs
+        self.rows: Rows | None = None
         model.noise = self
 
     def __call__(self, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
-        if self.part is None:
+        r = self.rows
+        if r is None:
             return self.draw(shape, device)
-        k, n = self.part
-        m = shape[0]
-        return self.draw((m * n, *shape[1:]), device)[k * m:(k + 1) * m]
+        reps, rest = divmod(shape[0], len(r))
+        if rest:
+            raise RuntimeError(f"noise for {shape[0]} rows cannot be rows {r.lo}..{r.hi - 1} of a batch")
+        whole = self.draw((reps * r.total, *shape[1:]), device)
+        return whole.view(reps, r.total, *shape[1:])[:, r.lo:r.hi].reshape(shape)
+
+
+@contextlib.contextmanager
+def batch_noise(model: torch.nn.Module) -> Iterator[MicroBatchNoise]:
+    """model's MicroBatchNoise, installed for the duration where it has none; its rows are unset after."""
+    own = vars(model).get("noise")
+    noise = own if isinstance(own, MicroBatchNoise) else MicroBatchNoise(model)
+    try:
+        yield noise
+    finally:
+        noise.rows = None
+        if noise is not own:
+            if own is None:
+                del model.noise
+            else:
+                model.noise = own
 
 
 def device_rng(device: torch.device) -> tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]:
@@ -340,44 +365,83 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
     i..j-1 (a conditional model's masks), after x.
 
     Runs under a forked RNG with a fixed seed: results are reproducible and training's random
-    stream is untouched (so resumed runs stay exact)."""
+    stream is untouched (so resumed runs stay exact).
+
+    In a multi-process run each rank scores its rows of every batch (noise drawn per row of the whole batch)
+    and the sums are all-reduced: every rank returns the one-process numbers, up to summation order."""
     if n_images < 1 or batch_size < 1 or iwae_k < 0 or iwae_images < 0:
         raise ValueError(f"evaluate needs n_images >= 1, batch_size >= 1, iwae_k >= 0 and iwae_images >= 0; "
                          f"got {n_images}, {batch_size}, {iwae_k}, {iwae_images}")
     device = device or next(model.parameters()).device
     more = extra_inputs or (lambda i, j: ())
+    shard = distributed.world() > 1
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     res: dict = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            (batch_noise(model) if shard else contextlib.nullcontext()) as noise:
         torch.manual_seed(seed)
         n = min(n_images, len(data))
         tot, kl_tot = 0.0, None
         for i in range(0, n, batch_size):
             j = min(n, i + batch_size)
-            x = data.to_float(data.images[i:j], generator=gen).to(device)
-            out = model(x, *more(i, j))
-            tot += out.nll_bound.sum().item()
-            kls = out.kl.sum(0)
+            r, mine = _rows_here(j - i)
+            x = data.to_float(data.images[i:j], generator=gen)[r.slice].to(device)
+            if noise is not None:
+                noise.rows = r
+            out = model(x, *more(i + r.lo, i + r.hi))
+            tot += out.nll_bound.sum().item() if mine else 0.0
+            kls = out.kl.sum(0) if mine else torch.zeros_like(out.kl[0])
             kl_tot = kls if kl_tot is None else kl_tot + kls
+        if shard:
+            tot, *kl = distributed.all_reduce(torch.tensor([tot, *kl_tot.tolist()], dtype=torch.float64)).tolist()
+            kl_tot = torch.tensor(kl, dtype=torch.float64)
         res["elbo"] = tot / n
         res["kl_per_module"] = (kl_tot / n).tolist()
         if iwae_k and iwae_images:
             m = min(iwae_images, len(data))
             bs = max(1, min(batch_size, m))
             vals = []
-            bar = progress_bar(iterable=range(0, m, bs), desc=f"IWAE k={iwae_k}", disable=not progress, leave=False)
+            bar = progress_bar(iterable=range(0, m, bs), desc=f"IWAE k={iwae_k}", leave=False,
+                               disable=not progress or not distributed.is_main())
             for i in bar:
                 j = min(m, i + bs)
-                x = data.to_float(data.images[i:j], generator=gen).to(device)
-                vals.append(model.iwae_nll(x, *more(i, j), k=iwae_k, chunk=chunk).double().cpu())
-                bar.set_postfix(nll=f"{torch.cat(vals).mean().item():.2f}", refresh=False)
-            res["iwae"] = torch.cat(vals).mean().item()
+                r, mine = _rows_here(j - i)
+                x = data.to_float(data.images[i:j], generator=gen)[r.slice].to(device)
+                if noise is not None:
+                    noise.rows = r
+                c = chunk or (_iwae_chunk(model, iwae_k, j - i, device) if shard else None)
+                v = model.iwae_nll(x, *more(i + r.lo, i + r.hi), k=iwae_k, chunk=c).double().cpu()
+                vals += [v] if mine else []
+                if vals:
+                    bar.set_postfix(nll=f"{torch.cat(vals).mean().item():.2f}", refresh=False)
+            if shard:
+                own = torch.tensor([sum(v.sum().item() for v in vals)], dtype=torch.float64)
+                res["iwae"] = distributed.all_reduce(own).item() / m
+            else:
+                res["iwae"] = torch.cat(vals).mean().item()
             res["iwae_k"] = iwae_k
             res["iwae_images"] = m
     model.train(was_training)
     return res
+
+
+def _rows_here(total: int) -> tuple[Rows, bool]:
+    """This rank's rows of an evaluation batch, and whether it has any: a rank with none still runs row 0, so
+    that every rank draws the batch's noise and the ranks' RNG streams stay in step."""
+    r = distributed.shard(total)
+    return (r, True) if len(r) else (Rows(0, 1, total), False)
+
+
+def _iwae_chunk(model: torch.nn.Module, k: int, b: int, device: torch.device) -> int:
+    """The chunk `iwae_nll` picks by itself for a batch of b images. Ranks holding parts of the batch pass it
+    explicitly, so that they draw the whole batch's noise in the same passes as one process does."""
+    if isinstance(model, ConditionalMatNet):
+        per_pass = 2048
+    else:
+        per_pass = IWAE_IMAGES_PER_PASS.get(device.type, IWAE_IMAGES_PER_PASS["cuda"])
+    return max(1, min(k, per_pass // max(b, 1)))
 
 
 class WallClock:
@@ -406,9 +470,11 @@ class WallClock:
 
 
 @contextlib.contextmanager
-def catch_stop_signals() -> Iterator[list[int]]:
+def catch_stop_signals(repeat: bool = False) -> Iterator[list[int]]:
     """While active, SIGTERM and SIGINT are recorded (into the yielded list) instead of killing the
-    process, so the loop can finish its step and checkpoint. A second signal acts as usual."""
+    process, so the loop can finish its step and checkpoint. A second signal acts as usual, unless `repeat`:
+    under torchrun a Ctrl-C reaches each worker twice (from the terminal, then forwarded by torchrun), and
+    torchrun's SIGKILL after its grace period is the hard stop."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread only
         yield caught
@@ -418,7 +484,8 @@ def catch_stop_signals() -> Iterator[list[int]]:
     def handler(signum: int, frame: object) -> None:
         caught.append(signum)
         for s, h in old.items():
-            signal.signal(s, h)
+            if not repeat:
+                signal.signal(s, h)
         log.warning("%s: finishing this step, then checkpoint and exit", signal.Signals(signum).name)
 
     for s in old:
@@ -437,23 +504,30 @@ class Trainer:
         self.started = time.monotonic()  # --time-limit counts from here
         self.opts = opts
         self.out = Path(opts.out_dir)
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"--out {self.out} is a file, not a folder")
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.lock = RunLock(self.out)
-        self.lock.acquire()
+        self.is_main = distributed.is_main()  # rank 0 alone writes into the run folder (and holds its lock)
+        self.lock = RunLock(self.out) if self.is_main else distributed.NoLock()
+        err: Exception | None = None
         try:
-            self._setup(cfg, opts)
+            try:
+                if self.out.exists() and not self.out.is_dir():
+                    raise ValueError(f"--out {self.out} is a file, not a folder")
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.lock.acquire()
+                self._setup(cfg, opts)
+            except Exception as e:
+                err = e
+            distributed.agree(err, "setting up")  # a rank that failed alone must not leave the others waiting
+            self._distribute()
         except BaseException:
             self.lock.release()
             raise
 
     def _setup(self, cfg: MatNetConfig, opts: TrainOptions) -> None:
-        for p in remove_stale_temps(self.out):
+        for p in remove_stale_temps(self.out) if self.is_main else ():
             log.warning("removed %s, left by a killed run", p)
         if opts.threads:
             torch.set_num_threads(opts.threads)
-        self.device = pick_device(opts.device)
+        self.device = distributed.rank_device(pick_device(opts.device))
         self.ckpt_path = self.out / "checkpoint.pt"
         resume = load_checkpoint(self.ckpt_path) if opts.resume and self.ckpt_path.exists() else None
         if resume is not None:  # the run's own config wins: everything below is built from it
@@ -467,7 +541,7 @@ class Trainer:
         # an explicit --steps may lengthen or shorten a resumed run; otherwise its own schedule holds
         self.total = opts.steps or (resume or {}).get("total_steps") or cfg.steps
         torch.manual_seed(opts.seed)
-        kw = dict(seed=opts.seed, val_size=opts.val_size, image_size=cfg.image_size)
+        kw = dict(val_size=opts.val_size, image_size=cfg.image_size, binarize=cfg.binarize)  # fixed: one seed, always
         self.train_data = load_dataset(cfg.dataset, "train", opts.data_dir, **kw)
         self.val_data = load_dataset(cfg.dataset, "val", opts.data_dir, **kw) if opts.val_size != 0 else None
         shape = self.train_data.shape
@@ -475,23 +549,29 @@ class Trainer:
         if tuple(shape) != want:
             raise ValueError(f"dataset {cfg.dataset!r} has images of shape {tuple(shape)} "
                              f"but the config expects {want}")
+        world = distributed.world()
         if cfg.batch_size % opts.grad_accum:
             raise ValueError(f"--grad-accum {opts.grad_accum} must divide the batch size {cfg.batch_size}")
+        if cfg.batch_size % (world * opts.grad_accum):
+            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be divisible by the {world} "
+                             f"processes x --grad-accum {opts.grad_accum} = {world * opts.grad_accum}")
+        self.sharded = world > 1
+        self.rows = distributed.shard(cfg.batch_size)  # this rank's rows of every global batch
         self.model = self._build_model(cfg, opts)
+        self.net: torch.nn.Module = self.model  # what the training forward runs: the model, or its DDP wrapper
         self.ema = copy.deepcopy(self.model).eval() if cfg.ema_rate > 0 else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
-        self.micro_noise = MicroBatchNoise(self.model) if opts.grad_accum > 1 else None
+        self.micro_noise = MicroBatchNoise(self.model) if opts.grad_accum > 1 or self.sharded else None
         self.forward = self._compiled_forward() if opts.compile else self._forward
         self.amp_dtype = PRECISIONS[opts.precision]
         # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's range
         self.scaler = torch.amp.GradScaler(self.device.type) if opts.precision == "fp16" else None
         self.base_lr = scaled_lr(cfg.lr, cfg.batch_size, opts.lr_base_batch, opts.lr_scaling)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.base_lr, betas=cfg.adam_betas,
-                                    fused=self.device.type == "cuda" or None)  # fused: one kernel for all params
+        self.opt = build_optimizer(self.model, cfg, self.base_lr, self.device)  # one or two groups (matnet.optim)
         hflip = opts.augment == "hflip" or (opts.augment == "auto" and cfg.dataset in HFLIP_DATASETS)
         self.loader = BatchLoader(self.train_data, cfg.batch_size, shuffle=True, seed=opts.seed, device=self.device,
-                                  hflip=hflip)
+                                  hflip=hflip, rows=self.rows.slice if self.sharded else None)
         self.step = 0
         self.skipped = 0
         self.last_skipped = False
@@ -499,8 +579,31 @@ class Trainer:
         self.guard = SkipGuard(opts.max_skips, opts.skip_window, opts.max_skip_fraction)
         if resume is not None:
             self.load_state(resume)
-        self._trim_metrics()
-        (self.out / "config.json").write_text(self.cfg.to_json())
+        if self.is_main:
+            self._trim_metrics()
+            (self.out / "config.json").write_text(self.cfg.to_json())
+
+    def _distribute(self) -> None:
+        """With several processes: check that they all start from the same state (each read the checkpoint
+        itself), then wrap the model in DDP, which averages the gradients over the ranks."""
+        if not self.sharded:
+            return
+        distributed.check_same(self._fingerprint(), "the starting state (a resumed run needs --out on a file "
+                                                    "system that every node shares)")
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def _fingerprint(self) -> list[int]:
+        """Integers every rank must agree on: step, skips, the weights' bits and the RNG states."""
+        def bits(t: torch.Tensor) -> int:
+            ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+            return int(t.detach().view(ints).sum(dtype=torch.int64).item())
+
+        rng = [torch.get_rng_state(), device_rng(self.device)[0]()]
+        rng += [v for v in self.loader.state_dict().values() if isinstance(v, torch.Tensor)]
+        rng += [self.task.rng.get_state()] if self.task is not None else []
+        return [self.step, self.skipped, *(bits(p) for p in self.model.parameters()),
+                *(zlib.crc32(t.cpu().numpy().tobytes()) for t in rng)]
 
     def _build_model(self, cfg: MatNetConfig, opts: TrainOptions) -> MatNet:
         fast = use_fast_ops(opts.ops, self.device)
@@ -517,7 +620,7 @@ class Trainer:
         return model.to(memory_format=torch.channels_last) if opts.channels_last else model
 
     def _forward(self, *inputs: torch.Tensor, kl_weight: float) -> Any:
-        return self.model(*inputs, kl_weight=kl_weight)
+        return self.net(*inputs, kl_weight=kl_weight)
 
     def _compiled_forward(self) -> Callable[..., Any]:
         """torch.compile of the forward pass and loss; a platform that cannot compile gives one clear error,
@@ -568,6 +671,8 @@ class Trainer:
             "total_steps": self.total,
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
+            # the generator the model noise is drawn from: each rank of a resumed run loads it into its own device
+            "device_rng": {"type": self.device.type, "state": device_rng(self.device)[0]()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             **(self.task.state_dict() if self.task is not None else {"task": "density"}),
         }
@@ -584,7 +689,15 @@ class Trainer:
         if bad:
             raise TrainingDiverged(f"training stopped at step {self.step}: non-finite weights in {bad[:3]}; "
                                    f"not saved; {self._kept()}")
-        save_checkpoint(self.ckpt_path, self.state())
+        if self.sharded:  # noise is drawn for the global batch on every rank: their states must agree
+            distributed.check_same(self._fingerprint(), "the weights and RNG states")
+        err: Exception | None = None
+        if self.is_main:
+            try:
+                save_checkpoint(self.ckpt_path, self.state())
+            except Exception as e:
+                err = e
+        distributed.agree(err, "writing the checkpoint")  # no rank goes on (or exits) before rank 0's file is written
         self.saved_step = self.step
 
     def load_state(self, st: dict) -> None:
@@ -596,6 +709,8 @@ class Trainer:
         self.saved_step = self.step
         self.loader.load_state_dict(st["loader"])
         set_rng_state(st["rng"])  # RNG states stay CPU byte tensors: the checkpoint is loaded on CPU
+        if st.get("device_rng") is not None and st["device_rng"]["type"] == self.device.type:
+            device_rng(self.device)[1](st["device_rng"]["state"])
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         if self.task is not None:
@@ -607,17 +722,17 @@ class Trainer:
         """One optimizer step on the global batch x, as --grad-accum micro-batches."""
         cfg, o = self.cfg, self.opts
         kl_w = min(1.0, (self.step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps else 1.0
-        lr = self.base_lr * warmup_factor(self.step, o.warmup_steps) * lr_factor(
-            self.step, self.total, cfg.lr_decay_start, cfg.lr_final)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        lr = apply_schedule(self.opt, self.step, self.total, self.base_lr, cfg, o.warmup_steps)  # lr and beta1
         self.opt.zero_grad(set_to_none=True)
         outs = self.accumulate_grads(self.inputs(x), kl_w)
         loss = sum(out.loss.item() for out in outs) / len(outs)  # equal parts: the mean of means
-        reg = self.inference_regularizer_grads(len(x))
+        reg = self.inference_regularizer_grads(cfg.batch_size)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+        self._poison_grads_for_tests()
+        gnorm = clip_gradients(self.opt, cfg)  # L2 term, per-group clip; the global norm before clipping
+        stats = self._step_stats(outs, loss, gnorm, reg)  # several ranks: global-batch means, the same everywhere
+        loss, gnorm, reg = stats["loss"], stats["grad_norm"], stats.pop("infer_reg", None)
         skip = (not math.isfinite(gnorm) or not math.isfinite(loss)
                 or (cfg.skip_threshold > 0 and gnorm > cfg.skip_threshold))
         self.last_skipped = skip
@@ -635,14 +750,8 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()  # an fp16 overflow lowers the scale (and counts as a skip above)
         self.step += 1
-        kl = torch.cat([out.kl.detach().float() for out in outs])
         return {
-            "loss": loss,
-            "nll_bound": torch.cat([out.nll_bound.detach().float() for out in outs]).mean().item(),
-            "recon": torch.cat([out.recon_nll.detach().float() for out in outs]).mean().item(),
-            "kl": kl.sum(1).mean().item(),
-            "kl_per_module": kl.mean(0).tolist(),
-            "grad_norm": gnorm,
+            **stats,
             "lr": lr,
             "kl_weight": kl_w,
             "skipped": self.skipped,
@@ -650,17 +759,85 @@ class Trainer:
             **({"infer_reg": reg} if reg is not None else {}),
         }
 
+    def _step_stats(self, outs: list, loss: float, gnorm: float, reg: float | None) -> dict:
+        """The step's metrics. With several ranks, each holding an equal share of the global batch, they are the
+        means of the ranks' values: every rank takes the same skip decision (a non-finite loss or gradient norm on
+        any rank is non-finite in the mean) and rank 0 logs what one process would."""
+        kl = torch.cat([out.kl.detach().float() for out in outs])
+        st = {"loss": loss,
+              "nll_bound": torch.cat([out.nll_bound.detach().float() for out in outs]).mean().item(),
+              "recon": torch.cat([out.recon_nll.detach().float() for out in outs]).mean().item(),
+              "kl": kl.sum(1).mean().item(),
+              "kl_per_module": kl.mean(0).tolist(),
+              "grad_norm": gnorm,
+              **({"infer_reg": reg} if reg is not None else {})}
+        if not self.sharded:
+            return st
+        keys = [k for k in st if k != "kl_per_module"]
+        vals = distributed.mean_floats([st[k] for k in keys] + st["kl_per_module"])
+        st.update(zip(keys, vals), kl_per_module=vals[len(keys):])
+        return st
+
+    def _poison_grads_for_tests(self) -> None:
+        """The test hook of POISON_ENV (off unless it is set): a NaN gradient on one rank, after DDP averaged the
+        gradients, to check that a bad gradient on any rank makes every rank skip the update."""
+        spec = os.environ.get(POISON_ENV)
+        for item in spec.split(",") if spec else ():
+            r, _, s = item.partition(":")
+            hit = self.step + 1 >= int(s[:-1]) if s.endswith("-") else self.step + 1 == int(s)
+            if hit and int(r) == distributed.rank():
+                next(p for p in self.model.parameters() if p.grad is not None).grad.fill_(float("nan"))
+                return
+
     def inference_regularizer_grads(self, n: int) -> float | None:
         """Eq. 13 from cfg.infer_reg_start on: the ELBO of n samples of the model, backpropagated into the
-        inference parameters only (weighted by cfg.infer_reg_weight); its value in nats per image, else None."""
+        inference parameters only (weighted by cfg.infer_reg_weight); its value in nats per image, else None.
+
+        With several ranks, every rank draws the same n samples and takes its rows (`_sample_rows`), the ELBO's
+        noise is drawn per row of the n, and the gradients (of a backward outside DDP) are averaged over the
+        ranks here: the same as one process computing all n, up to summation order."""
         cfg = self.cfg
         if not cfg.infer_reg_weight or self.step < cfg.infer_reg_start:
             return None
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            reg = inference_regularizer(self.model, n)
+        rows = distributed.shard(n) if self.sharded else None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None), \
+                self._sample_rows(rows):
+            reg = inference_regularizer(self.model, n if rows is None else len(rows))
         scaled = cfg.infer_reg_weight * reg
-        (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
+        if rows is None:
+            scaled.backward()
+            return reg.item()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        got = [(p, g) for p, g in zip(params, torch.autograd.grad(scaled, params, allow_unused=True))
+               if g is not None]
+        distributed.average_([g for _, g in got])
+        for p, g in got:
+            p.grad = g if p.grad is None else p.grad.add_(g)
         return reg.item()
+
+    @contextlib.contextmanager
+    def _sample_rows(self, rows: Rows | None) -> Iterator[None]:
+        """While active (several ranks), `model.sample(k)` draws the whole `rows.total` samples, the same on every
+        rank (same RNG state), and returns this rank's rows; other noise is drawn per row of the whole draw."""
+        if rows is None:
+            yield
+            return
+        m, noise, whole = self.model, self.micro_noise, type(self.model).sample
+
+        def sample(k: int, *a: Any, **kw: Any) -> torch.Tensor:
+            noise.rows = None
+            try:
+                return whole(m, rows.total, *a, **kw)[rows.slice]
+            finally:
+                noise.rows = rows
+
+        m.sample, noise.rows = sample, rows
+        try:
+            yield
+        finally:
+            del m.sample
+            noise.rows = None
 
     def accumulate_grads(self, inputs: tuple[torch.Tensor, ...], kl_weight: float) -> list:
         """Forward (under autocast) and backward of each micro-batch; the gradients sum to the global batch's.
@@ -675,25 +852,31 @@ class Trainer:
         start = get_rng() if n > 1 else None
         outs = []
         for k, part in enumerate(parts):
-            if self.micro_noise is not None:
+            if start is not None:
                 set_rng(start)
-                self.micro_noise.part = (k, n)
-            try:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    out = self.forward(*part, kl_weight=kl_weight)
-            finally:
-                if self.micro_noise is not None:
-                    self.micro_noise.part = None
-            loss = out.loss / n
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if self.micro_noise is not None:
+                self.micro_noise.rows = self.rows.part(k, n)  # this rank's micro-batch k of the global batch
+            # DDP all-reduces the gradients in the last micro-batch's backward only
+            sync = self.net is self.model or k == n - 1
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                try:
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                        out = self.forward(*part, kl_weight=kl_weight)
+                finally:
+                    if self.micro_noise is not None:
+                        self.micro_noise.rows = None
+                loss = out.loss / n
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             outs.append(out)
         return outs
 
     def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The model's arguments for batch x: (x,), or (x, mask) for inpainting."""
-        return (x,) if self.task is None else self.task.inputs(x)
+        """The model's arguments for batch x: (x,), or (x, mask) for inpainting (masks drawn per global row)."""
+        return (x,) if self.task is None else self.task.inputs(x, self.rows if self.sharded else None)
 
     def log_row(self, row: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
 
@@ -708,7 +891,7 @@ class Trainer:
         folder is released when this returns or raises."""
         self.lock.acquire()
         try:
-            with catch_stop_signals() as caught:
+            with catch_stop_signals(repeat=self.sharded) as caught:
                 return self._run(until, caught)
         finally:
             self.close()
@@ -717,12 +900,13 @@ class Trainer:
         o = self.opts
         stop = min(self.total, until) if until is not None else self.total
         stream = self.loader.forever()
-        bar = progress_bar(total=self.total, initial=self.step, desc="train", disable=not o.progress,
-                           dynamic_ncols=True)
+        bar = progress_bar(total=self.total, initial=self.step, desc="train",
+                           disable=not o.progress or not self.is_main, dynamic_ncols=True)
         t0, seen, last, ckpt_due = time.time(), 0, {}, False
         clock = WallClock(self.started, o.time_limit, o.ckpt_minutes)
         while self.step < stop:
-            if clock.out_of_time():
+            # every stop is agreed by all ranks (a collective where wall time or signals could differ)
+            if o.time_limit and distributed.any_true(clock.out_of_time()):
                 bar.close()
                 self.timed_save(clock)
                 raise TimeLimitReached(self.step, o.time_limit)
@@ -745,16 +929,17 @@ class Trainer:
                     f"training stopped at step {self.step}: {why} (non-finite loss or gradient, or grad norm "
                     f"above skip_threshold={self.cfg.skip_threshold}); recent grad norms: "
                     f"[{self.guard.recent_norms()}]; {self._kept()}")
-            if caught:
+            sig = distributed.max_int(caught[0] if caught else 0)
+            if sig:
                 bar.close()
                 self.save()
-                raise Preempted(caught[0], self.step)
+                raise Preempted(sig, self.step)
             if o.eval_every and (self.step % o.eval_every == 0 or self.step == self.total):
                 last = self.validate(o.iwae_k)
             if o.sample_every and self.step % o.sample_every == 0:
                 self.save_samples(self.out / f"samples_{self.step:07d}.png")
             ckpt_due |= bool(o.ckpt_every) and self.step % o.ckpt_every == 0
-            ckpt_due |= clock.checkpoint_due()
+            ckpt_due |= bool(o.ckpt_minutes) and distributed.any_true(clock.checkpoint_due())
             if ckpt_due and not self.last_skipped:  # checkpoints follow applied updates only
                 self.timed_save(clock)
                 ckpt_due = False
@@ -784,11 +969,14 @@ class Trainer:
         if "iwae" in res:
             row.update(val_iwae=res["iwae"], iwae_k=res["iwae_k"], iwae_images=res["iwae_images"])
         self.log_row(row)
-        tqdm.write(f"step {self.step}: val -ELBO {res['elbo']:.2f}"
-                   + (f", IWAE(k={iwae_k}) {res['iwae']:.2f}" if "iwae" in res else "") + " nats")
+        if self.is_main:
+            tqdm.write(f"step {self.step}: val -ELBO {res['elbo']:.2f}"
+                       + (f", IWAE(k={iwae_k}) {res['iwae']:.2f}" if "iwae" in res else "") + " nats")
         return row
 
     def save_samples(self, path: Path, n: int = 64) -> None:
+        if not self.is_main:  # drawn under a forked RNG: the other ranks' streams need no matching draws
+            return
         if self.task is not None:  # inpainting: a grid of imputations (Fig. 5) in place of samples
             data = self.val_data if self.val_data is not None else self.train_data
             self.task.save_grid(self.eval_model(), data, path, self.opts.seed)
@@ -799,6 +987,8 @@ class Trainer:
         plots.save_image_grid(x, path, signed=not self.eval_model().dist.binary)
 
     def save_plots(self) -> None:
+        if not self.is_main:
+            return
         nan = float("nan")  # nulls in the log are non-finite values; the plots take them as gaps
         rows = [{k: nan if v is None else v for k, v in r.items()} for r in read_rows(self.out / "metrics.jsonl")]
         train_rows = [r for r in rows if r.get("split") == "train"]
@@ -808,5 +998,7 @@ class Trainer:
 
 
 def train(cfg: MatNetConfig, opts: TrainOptions) -> dict:
-    """Train (or resume) a MatNet; returns the last validation row."""
-    return Trainer(cfg, opts).run()
+    """Train (or resume) a MatNet; returns the last validation row. Under torchrun every process calls this
+    and it joins the process group for the run (see matnet.distributed)."""
+    with distributed.session(opts.device):
+        return Trainer(cfg, opts).run()
