@@ -212,6 +212,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         if o.finetune_inference_epochs:
             raise ValueError("--finetune-inference-epochs is for density checkpoints, not inpainting ones")
         return _eval_inpaint(o, a, dev)
+    if o.finetune_inference_epochs and distributed.world() > 1:
+        raise ValueError("--finetune-inference-epochs runs in one process: launch this eval without torchrun")
     if o.mask is not None:
         raise ValueError(f"--mask is for inpainting checkpoints; {o.checkpoint} is a density model")
     model = load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
@@ -323,7 +325,8 @@ def _inpaint_data(o: InpaintOptions, a: argparse.Namespace, cfg: MatNetConfig, b
     from .data import ImageDataset, load_dataset, load_image_folder
 
     if o.folder is None:
-        data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, image_size=cfg.image_size)
+        data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, image_size=cfg.image_size,
+                            binarize=cfg.binarize)
     else:
         if o.dataset is not None:
             raise ValueError("give --folder or --dataset, not both")

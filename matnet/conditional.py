@@ -323,6 +323,11 @@ class ConditionalMatNet(UsesOps, nn.Module):
         log_w = -(recon + trace.log_ratio) if return_log_weight else None
         return MatNetOutput(loss, nll_bound, recon, kl, log_w)
 
+    @staticmethod
+    def iwae_chunk(batch: int, device: torch.device) -> int:
+        """Default samples per pass of `iwae_nll` for a batch of `batch` images (2048 images per pass)."""
+        return max(1, 2048 // max(batch, 1))
+
     @torch.no_grad()
     def iwae_nll(self, x: torch.Tensor, mask: torch.Tensor, k: int = 1000, chunk: int | None = None) -> torch.Tensor:
         """Importance-sampled bound on -log p(x^u | x^k): -log (1/k) sum_s p(x^u, z_s | x^k) / q(z_s | x),
@@ -333,7 +338,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         B = x.shape[0]
-        chunk = max(1, min(k, chunk or max(1, 2048 // max(B, 1))))
+        chunk = max(1, min(k, chunk or self.iwae_chunk(B, x.device)))
         bu = self._encode(self.stages[0], x, torch.where(m, self.fill.to(x.dtype), x), m)
         total = torch.full((B,), -math.inf, device=x.device, dtype=torch.float64)
         done = 0

@@ -263,6 +263,11 @@ class MatNet(UsesOps, nn.Module):
         log_w = -(recon + trace.log_ratio) if return_log_weight else None
         return MatNetOutput(loss, nll_bound, recon, kl, log_w)
 
+    @staticmethod
+    def iwae_chunk(batch: int, device: torch.device) -> int:
+        """Default samples per TD pass of `iwae_nll` for a batch of `batch` images on `device`."""
+        return max(1, IWAE_IMAGES_PER_PASS.get(device.type, IWAE_IMAGES_PER_PASS["cuda"]) // max(batch, 1))
+
     @torch.inference_mode()
     def iwae_nll(self, x: torch.Tensor, k: int = 2500, chunk: int | None = None) -> torch.Tensor:
         """Importance-sampled bound -log (1/k) sum_s p(x, z_s) / q(z_s | x), z_s ~ q(z | x); [B] nats.
@@ -277,8 +282,7 @@ class MatNet(UsesOps, nn.Module):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         B = x.shape[0]
-        per_pass = IWAE_IMAGES_PER_PASS.get(x.device.type, IWAE_IMAGES_PER_PASS["cuda"])
-        chunk = max(1, min(k, chunk or per_pass // max(B, 1)))
+        chunk = max(1, min(k, chunk or self.iwae_chunk(B, x.device)))
         bu = self.bottom_up(x)
         total = torch.full((B,), -math.inf, device=x.device, dtype=torch.float64)
         done = 0

@@ -43,14 +43,13 @@ from tqdm.auto import tqdm
 
 from . import distributed, plots
 from .checkpoint import DiskFullError, RunLock, load_checkpoint, remove_stale_temps, save_checkpoint
-from .conditional import ConditionalMatNet
 from .config import MatNetConfig, check_field_types
 from .data import HFLIP_DATASETS, BatchLoader, ImageDataset, load_dataset
 from .distributed import Rows
 from .inpaint import TASKS, InpaintTask, resolve
 from .masks import SPEC_FORMS, parse_mask_spec
-from .model import IWAE_IMAGES_PER_PASS, MatNet
-from .optim import apply_schedule, build_optimizer, clip_gradients, lr_factor, warmup_factor  # noqa: F401 re-export
+from .model import MatNet
+from .optim import apply_schedule, build_optimizer, clip_gradients
 from .regularizers import inference_regularizer
 
 log = logging.getLogger("matnet.train")
@@ -351,8 +350,9 @@ def set_rng_state(st: dict) -> None:
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+    if "cuda" in st and torch.cuda.is_available():  # only the GPUs visible now (a resume may see fewer)
+        for i, state in enumerate(st["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
 
 
 @torch.no_grad()
@@ -411,7 +411,8 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
                 x = data.to_float(data.images[i:j], generator=gen)[r.slice].to(device)
                 if noise is not None:
                     noise.rows = r
-                c = chunk or (_iwae_chunk(model, iwae_k, j - i, device) if shard else None)
+                # ranks holding parts of a batch draw its noise in the passes one process would use
+                c = chunk or (min(iwae_k, model.iwae_chunk(j - i, device)) if shard else None)
                 v = model.iwae_nll(x, *more(i + r.lo, i + r.hi), k=iwae_k, chunk=c).double().cpu()
                 vals += [v] if mine else []
                 if vals:
@@ -432,16 +433,6 @@ def _rows_here(total: int) -> tuple[Rows, bool]:
     that every rank draws the batch's noise and the ranks' RNG streams stay in step."""
     r = distributed.shard(total)
     return (r, True) if len(r) else (Rows(0, 1, total), False)
-
-
-def _iwae_chunk(model: torch.nn.Module, k: int, b: int, device: torch.device) -> int:
-    """The chunk `iwae_nll` picks by itself for a batch of b images. Ranks holding parts of the batch pass it
-    explicitly, so that they draw the whole batch's noise in the same passes as one process does."""
-    if isinstance(model, ConditionalMatNet):
-        per_pass = 2048
-    else:
-        per_pass = IWAE_IMAGES_PER_PASS.get(device.type, IWAE_IMAGES_PER_PASS["cuda"])
-    return max(1, min(k, per_pass // max(b, 1)))
 
 
 class WallClock:

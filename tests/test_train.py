@@ -13,7 +13,8 @@ import torch
 import matnet
 from matnet import cli, plots
 from matnet.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from matnet.train import Trainer, TrainOptions, evaluate, lr_factor
+from matnet.optim import lr_factor
+from matnet.train import Trainer, TrainOptions, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: extra threads only contend
 
