@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import signal
 import sys
 import time
 import typing
@@ -24,7 +25,7 @@ import torch
 from . import distributed
 from .config import PRESETS, MatNetConfig, check_field_types
 from .masks import SPEC_FORMS, parse_mask_spec
-from .train import EXIT_USAGE, TrainOptions, strict_json
+from .train import EXIT_DIVERGED, EXIT_TIME_LIMIT, EXIT_USAGE, TrainOptions, strict_json
 
 log = logging.getLogger("matnet.cli")
 
@@ -34,6 +35,8 @@ CONFIG_FLAGS = ("dataset", "batch_size", "lr", "channels", "kl_warmup_steps", "e
 COMMON = ("device", "data_dir", "seed", "threads", "ops")
 # the commands that run as one job under torchrun (each rank its share); the others are single-process
 DISTRIBUTED_COMMANDS = ("train", "eval")
+# exit codes of outcomes that every rank reaches together (done, diverged, time limit, SIGINT, SIGTERM)
+SHARED_EXITS = (0, EXIT_DIVERGED, EXIT_TIME_LIMIT, 128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -443,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     with distributed.session(a.device) if a.cmd in DISTRIBUTED_COMMANDS else contextlib.nullcontext():
-        return _run(a)
+        code = _run(a)
+        distributed.settle(code in SHARED_EXITS)
+        return code
 
 
 def _run(a: argparse.Namespace) -> int:

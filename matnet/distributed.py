@@ -19,6 +19,7 @@ import signal
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -199,6 +200,22 @@ def agree(err: BaseException | None, what: str) -> None:
         raise err
     if failed:
         raise PeerFailed(what, *failed[0])
+
+
+def settle(shared_outcome: bool) -> None:
+    """Wait for every rank before leaving the group, so that no rank tears down its connections while a peer
+    still uses them (gloo then aborts that peer: "terminate called without an active exception"). Only after
+    an outcome every rank shares (a rank that failed alone must exit at once, so that the launcher stops the
+    others); bounded on gloo, where a timeout just lets the process leave."""
+    if world() == 1 or not shared_outcome:
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        else:
+            dist.barrier()
+    except RuntimeError:
+        pass
 
 
 class NoLock:
