@@ -140,6 +140,8 @@ class TrainOptions:
                     alias=("--fast", "fast"))
     precision: str = _opt("fp32", "fp32, or autocast of the forward pass to bf16 or fp16 (fp16 adds a "
                                   "GradScaler); likelihoods and KL stay fp32", choices=tuple(PRECISIONS))
+    loss_scale: float = _opt(2.0 ** 16, "with --precision fp16: the GradScaler's first loss scale, > 0; each "
+                                       "overflow halves it and skips that update")
     channels_last: bool = _opt(False, "weights and batches in channels_last memory format")
     compile: bool = _opt(False, "torch.compile the forward pass and loss")
     grad_accum: int = _opt(1, "micro-batches per optimizer step, >= 1; --batch-size (the global batch) is "
@@ -190,6 +192,8 @@ class TrainOptions:
         for name in ("grad_accum", "lr_base_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.loss_scale) and self.loss_scale > 0):
+            raise ValueError(f"--loss-scale must be a finite number > 0, got {self.loss_scale}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0 (0: off), got {self.warmup_steps}")
         for name in ("time_limit", "ckpt_minutes"):
@@ -557,7 +561,8 @@ class Trainer:
         self.forward = self._compiled_forward() if opts.compile else self._forward
         self.amp_dtype = PRECISIONS[opts.precision]
         # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's range
-        self.scaler = torch.amp.GradScaler(self.device.type) if opts.precision == "fp16" else None
+        self.scaler = (torch.amp.GradScaler(self.device.type, init_scale=opts.loss_scale)
+                       if opts.precision == "fp16" else None)
         self.base_lr = scaled_lr(cfg.lr, cfg.batch_size, opts.lr_base_batch, opts.lr_scaling)
         self.opt = build_optimizer(self.model, cfg, self.base_lr, self.device)  # one or two groups (matnet.optim)
         hflip = opts.augment == "hflip" or (opts.augment == "auto" and cfg.dataset in HFLIP_DATASETS)

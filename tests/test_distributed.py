@@ -129,11 +129,12 @@ def _assert_same_run(a, b):
     assert losses[0] == losses[1] and len(losses[0]) == STEPS
 
 
-def _params_after(out, data, steps, dtype):
-    """One process: the parameters after `steps` updates of `two_process_run`'s command without --grad-accum,
-    in `dtype`."""
+def _params_after(out, data, steps, dtype, **opts):
+    """One process: the parameters after `steps` updates of `two_process_run`'s command without --grad-accum
+    (other options: `opts`), in `dtype`."""
     cfg = _tiny(**SMOOTH_ADAM)
-    tr = Trainer(cfg, _opts(out, data, steps=steps, val_size=101, eval_every=0, ckpt_every=0, log_every=0))
+    tr = Trainer(cfg, _opts(out, data, steps=steps, **{"val_size": 101, **opts}, eval_every=0, ckpt_every=0,
+                            log_every=0))
     tr.model.to(dtype)  # before the first step: Adam has no state yet
     stream = tr.loader.forever()
     for _ in range(steps):
@@ -213,6 +214,24 @@ def test_two_processes_give_the_parameters_of_one(tmp_path, fake_mnist, two_proc
     assert not torch.distributed.is_initialized()  # one process never joins a process group
     rows = _rows(two_process_run)
     assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["split"] == "val"  # rank 0 alone logs
+
+
+def test_inpainting_in_fp16_on_two_processes_matches_one(tmp_path, fake_mnist):
+    """A conditional model (masks drawn per global row) under fp16 autocast with its GradScaler, on 2 processes:
+    the parameters after 3 steps are within twice one fp16 process's own error of the fp64 truth (no autocast),
+    and the loss scale is the one process's."""
+    task = dict(task="inpaint", mask="quadrant:14", val_size=40)
+    out = tmp_path / "two"
+    rc, _, err = _run2(_train_args(fake_mnist, out, "--steps", "3", "--task", "inpaint", "--mask", "quadrant:14",
+                                   "--precision", "fp16", "--loss-scale", "256", "--lr", str(SMOOTH_ADAM["lr"]),
+                                   "--set", f"adam_eps={SMOOTH_ADAM['adam_eps']}"))
+    assert rc == 0, err[-3000:]
+    st = load_checkpoint(out / "checkpoint.pt")
+    assert st["skipped"] == 0 and st["scaler"]["scale"] == 256.0
+    one = _params_after(tmp_path / "one", fake_mnist, 3, torch.float32, precision="fp16", loss_scale=256.0, **task)
+    truth = _params_after(tmp_path / "truth", fake_mnist, 3, torch.float64, **task)
+    got = {n: st["model"][n] for n in truth}
+    assert_all_within_ref_error("inpainting, fp16, 2 processes", got, one, truth)
 
 
 def test_distributed_evaluation_equals_one_process(tmp_path, fake_mnist, two_process_run):

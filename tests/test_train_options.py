@@ -88,6 +88,7 @@ def test_flags_come_from_the_options_and_bad_values_are_refused():
                      (dict(warmup_steps=-1), "--warmup-steps must be >= 0"),
                      (dict(time_limit=-1.0), "--time-limit must be"),
                      (dict(ckpt_minutes=float("inf")), "--ckpt-minutes must be"),
+                     (dict(loss_scale=0.0), "--loss-scale must be a finite number > 0"),
                      (dict(precision="fp8"), "--precision must be one of"),
                      (dict(ops="turbo"), "--ops must be one of")):
         with pytest.raises(ValueError, match=msg):
