@@ -85,7 +85,8 @@ def plot_kl_per_module(rows: list[dict], groups: list[tuple[str, int]], path: st
     ax.set_xlabel("training step")
     ax.set_ylabel("KL (nats)")
     ax.set_title(title)
-    ax.set_xlim(steps[0], steps[-1])
+    if steps[-1] > steps[0]:  # one row: matplotlib picks a range around it
+        ax.set_xlim(steps[0], steps[-1])
     ax.set_ylim(0, None)
     ax.legend(title="meta module\n(top-down)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()

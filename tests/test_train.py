@@ -5,6 +5,7 @@ import json
 import struct
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -189,6 +190,9 @@ def test_kl_plot_groups_follow_meta_modules(tmp_path):
     rows = [{"step": s, "kl_per_module": [1.0, 2.0, 0.5, 0.5]} for s in range(1, 5)]
     plots.plot_kl_per_module(rows, groups, tmp_path / "kl.png")
     assert (tmp_path / "kl.png").stat().st_size > 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a one-step run has one row: no "identical low and high xlims" warning
+        plots.plot_kl_per_module(rows[:1], groups, tmp_path / "kl1.png")
 
 
 @pytest.mark.data
