@@ -1,14 +1,16 @@
 """Static report of matnet's Triton kernels compiled for a GPU architecture, with no GPU.
 
-    python benchmarks/kernel_report.py --arch sm_90 [--json FILE] [--markdown] [--presets mnist,omniglot,cifar10]
+    python benchmarks/kernel_report.py --arch sm_90 [--json FILE] [--markdown | --summary]
+                                       [--presets mnist,omniglot,cifar10]
 
 Which configs: every preset's FastMatNet forward + backward runs once on the CPU with the reference ops,
 recording the shape of each op call; each call is then replayed through the Triton launchers on meta
-tensors, at the preset's batch size and in fp32, bf16 and fp16, and every kernel launch they make
-(kernel, argument dtypes, constexprs, warps) is recorded instead of run. Each distinct launch is compiled
-for the architecture (Triton targets it without a GPU) and reported: registers per thread, spilled
-bytes (ptxas), shared memory, and whether the code uses tensor-core MMA (wgmma on sm_90, mma before)
-and asynchronous copies (cp.async, TMA).
+tensors, at the preset's batch size, in fp32, bf16 and fp16 and with NCHW and channels_last activations
+(the NHWC engine), and every kernel launch they make (kernel, argument dtypes, TMA boxes, constexprs,
+warps, stages) is recorded instead of run; an autotuned kernel contributes every config it may pick.
+Each distinct launch is compiled for the architecture (Triton targets it without a GPU) and reported:
+registers per thread, spilled bytes (ptxas), shared memory, and whether the code uses tensor-core MMA
+(wgmma on sm_90, mma before) and asynchronous copies (cp.async, TMA).
 
 Exits 1 when a kernel spills, needs more shared memory than the architecture has, or when a bf16/fp16
 convolution does not use the tensor-core MMA of the architecture. Integer arguments are compiled
@@ -103,51 +105,85 @@ def record_op_calls(preset: str) -> list[tuple[str, tuple]]:
     return calls
 
 
-def _meta_like(a, batch: int | None, dtype: torch.dtype):
+def _meta_like(a, batch: int | None, dtype: torch.dtype, fmt: torch.memory_format = torch.contiguous_format):
     """A float tensor as an empty meta tensor in `dtype`, with its batch dimension set to `batch` (None:
-    a weight or bias, kept as it is); anything else as it is."""
+    a weight or bias, kept as it is) and, when 4-d, in layout `fmt`; anything else as it is."""
     if not isinstance(a, torch.Tensor) or not a.is_floating_point():
         return a
     shape = list(a.shape) if batch is None or a.dim() == 0 else [batch] + list(a.shape[1:])
-    return torch.empty(shape, dtype=dtype, device="meta")
+    fmt = fmt if batch is not None and len(shape) == 4 else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)
 
 
 def triton_kernels() -> dict:
     """name -> @triton.jit function, for every Triton kernel of matnet."""
+    from matnet.kernels import conv_nhwc as CN
     from matnet.kernels import gaussian_sample_kl as G
     from matnet.kernels import residual_conv as RC
 
-    ks = (RC._conv_same_kernel, RC._conv_wgrad_kernel, G._gaussian_sample_kl_fwd_kernel,
-          G._gaussian_sample_kl_bwd_kernel)
+    ks = (RC._conv_same_kernel, RC._conv_wgrad_kernel, CN._conv_nhwc_kernel, CN._conv_wgrad_nhwc_kernel,
+          G._gaussian_sample_kl_fwd_kernel, G._gaussian_sample_kl_bwd_kernel)
     return {k.__name__: k for k in ks}
+
+
+def autotuned_kernels() -> list:
+    """Every autotuned kernel of matnet (a triton Autotuner around one of `triton_kernels`)."""
+    from matnet.kernels import conv_nhwc as CN
+
+    return [CN._conv_nhwc_tuned]
+
+
+def _arg_type(a) -> str | None:
+    """Triton's signature type of a launch argument (None: a constexpr or an unknown kind)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    if isinstance(a, torch.Tensor):
+        return "*" + TL_NAMES[a.dtype]
+    if isinstance(a, TensorDescriptor):
+        return f"tensordesc<{TL_NAMES[a.base.dtype]}[{','.join(str(n) for n in a.block_shape)}]>"
+    if isinstance(a, bool):
+        return "i1"
+    if isinstance(a, int):
+        return "i64" if abs(a) >= 2**31 else "i32"
+    if isinstance(a, float):
+        return "fp32"
+    return None
 
 
 @contextlib.contextmanager
 def capturing(sink: dict, where: dict):
     """Within it, a launch of any matnet Triton kernel is recorded in `sink` (key -> Launch, the first of
-    each distinct config, attributed to where["op"]) instead of run."""
+    each distinct config, attributed to where["op"]) instead of run; a launch of an autotuned kernel is
+    recorded once per config its pruning keeps (each could be the one a GPU picks)."""
     kernels = list(triton_kernels().values())
-    originals = {k: k.run for k in kernels}
+    tuned = autotuned_kernels()
+    originals = {k: k.run for k in kernels + tuned}
+
+    def record(k, args, kw):
+        sig = {name: t for name, a in zip(k.arg_names, args) if (t := _arg_type(a)) is not None}
+        consts = {n: v for n, v in kw.items() if n in k.arg_names}
+        launch = Launch(k.__name__, sig, consts, kw.get("num_warps", 4), kw.get("num_stages"), where["op"])
+        sink.setdefault(launch.key(), launch)
 
     def make_run(k):
         def run(*args, grid=None, warmup=False, **kw):
-            sig = {}
-            for name, a in zip(k.arg_names, args):
-                if isinstance(a, torch.Tensor):
-                    sig[name] = "*" + TL_NAMES[a.dtype]
-                elif isinstance(a, bool):
-                    sig[name] = "i1"
-                elif isinstance(a, int):
-                    sig[name] = "i64" if abs(a) >= 2**31 else "i32"
-                elif isinstance(a, float):
-                    sig[name] = "fp32"
-            consts = {n: v for n, v in kw.items() if n in k.arg_names}
-            launch = Launch(k.__name__, sig, consts, kw.get("num_warps", 4), kw.get("num_stages"), where["op"])
-            sink.setdefault(launch.key(), launch)
+            record(k, args, kw)
+        return run
+
+    def make_tuned_run(t):
+        def run(*args, grid=None, warmup=False, **kw):
+            t.nargs = dict(zip(t.arg_names, args))
+            for config in t.prune_configs(kw):
+                full = {**t.nargs, **kw, **config.all_kwargs()}
+                if config.pre_hook:
+                    config.pre_hook(full)  # e.g. the TMA boxes of this config's tile
+                record(t.fn, [full[n] for n in t.arg_names if n in t.nargs], {**kw, **config.all_kwargs()})
         return run
 
     for k in kernels:
         k.run = make_run(k)
+    for t in tuned:
+        t.run = make_tuned_run(t)
     try:
         yield
     finally:
@@ -155,8 +191,12 @@ def capturing(sink: dict, where: dict):
             k.run = r
 
 
-def replay(calls, batch: int, dtype: torch.dtype, preset: str, sink: dict) -> None:
-    """Runs the Triton launchers of the recorded calls on meta tensors, recording their launches."""
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def replay(calls, batch: int, dtype: torch.dtype, layout: str, preset: str, sink: dict) -> None:
+    """Runs the Triton launchers of the recorded calls on meta tensors whose activations are in `layout`
+    (nchw: the NCHW kernels, nhwc: the channels-last engine), recording their launches."""
     from matnet.kernels import gaussian_sample_kl as G
     from matnet.kernels import masked_conv as MC
     from matnet.kernels import residual_conv as RC
@@ -170,9 +210,9 @@ def replay(calls, batch: int, dtype: torch.dtype, preset: str, sink: dict) -> No
     with capturing(sink, where):
         for attr, args in calls:
             op, which = attr.rsplit("_", 1)
-            where["op"] = f"{op} {which} ({preset})"
+            where["op"] = f"{op} {which} ({preset}, {layout})"
             w = weights.get(attr, set())
-            meta = [(_meta_like(a, None, dtype) if i in w else _meta_like(a, batch, dtype))
+            meta = [(_meta_like(a, None, dtype) if i in w else _meta_like(a, batch, dtype, LAYOUTS[layout]))
                     for i, a in enumerate(args)]
             getattr(launchers[op], attr)(*meta)
 
@@ -244,8 +284,9 @@ def collect(presets: list[str], dtypes: list[str]) -> list[Launch]:
     sink: dict[str, Launch] = {}
     for preset in presets:
         calls = record_op_calls(preset)
-        for d in dtypes:
-            replay(calls, PRESET_BATCH.get(preset, 100), DTYPES[d], preset, sink)
+        for layout in LAYOUTS:
+            for d in dtypes:
+                replay(calls, PRESET_BATCH.get(preset, 100), DTYPES[d], layout, preset, sink)
     return list(sink.values())
 
 
@@ -260,11 +301,33 @@ def markdown(rows: list[Row], arch: int) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[Row], arch: int) -> str:
+    """One line per (kernel, dtype, layout): how many configs, their register / spill / shared-memory
+    range, and how many use tensor-core MMA, cp.async and TMA."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        layout = "nhwc" if "nhwc" in r.where else "nchw"
+        groups.setdefault((r.kernel, layout, r.dtype), []).append(r)
+    mma = "wgmma" if arch >= 90 else "mma"
+    lines = [f"| kernel | layout | dtype | configs | regs | max spill B | max smem KB | {mma} | cp.async | TMA |",
+             "|---|---|---|---:|---|---:|---:|---|---|---|"]
+    for (kernel, layout, dtype), rs in groups.items():
+        regs = sorted(r.registers for r in rs)
+        n = len(rs)
+        cells = [kernel, layout, dtype, n, f"{regs[0]}-{regs[-1]}", max(r.spill_bytes for r in rs),
+                 f"{max(r.shared_bytes for r in rs) / 1024:.1f}", f"{sum(r.tensor_core_mma for r in rs)}/{n}",
+                 f"{sum(r.async_copy for r in rs)}/{n}", f"{sum(r.tma for r in rs)}/{n}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sm_90", help="sm_XX (default sm_90)")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
-    p.add_argument("--markdown", action="store_true", help="a Markdown table (for benchmarks/RESULTS.md)")
+    p.add_argument("--markdown", action="store_true", help="a Markdown table, one row per config")
+    p.add_argument("--summary", action="store_true", help="a Markdown table, one row per kernel, layout and dtype "
+                   "(for benchmarks/RESULTS.md)")
     p.add_argument("--presets", default="mnist,omniglot,cifar10", help="comma-separated presets")
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16")
     a = p.parse_args(argv)
@@ -286,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"arch": a.arch, "rows": [asdict(r) for r in rows]}, f, indent=1)
-    if a.markdown:
+    if a.summary:
+        print(summary(rows, arch))
+    elif a.markdown:
         print(markdown(rows, arch))
     else:
         for r in rows:

@@ -94,11 +94,14 @@ def _bins(*shape, dev, dt):
 
 # ---- residual_conv_block: BU (Eq. 9), TD (Eq. 7, extra = z) and merge (Eq. 10, extra = [h_b; h_t]) ----
 
-def _res(ds: str, size: int, c: int, b: int, variant: str = "", z: int = 4, k: int = 3, cpu: bool = False) -> Case:
+def _res(ds: str, size: int, c: int, b: int, variant: str = "", z: int = 4, k: int = 3, cpu: bool = False,
+         cl: bool = False) -> Case:
+    """cl: activations in channels_last (the NHWC engine on CUDA; cuDNN's NHWC kernels for the reference)."""
     extra = {"": 0, "td": z, "merge": 2 * c}[variant]
     tag = f"-{variant}" if variant else ""
     kt = f"-k{k}" if k != 3 else ""
-    return Case(f"{ds}-{size}x{size}-c{c}{tag}{kt}-b{b}", b, dict(C=c, E=extra, H=size, k=k), cpu=cpu)
+    name = f"{ds}-{size}x{size}-c{c}{tag}{kt}{'-cl' if cl else ''}-b{b}"
+    return Case(name, b, dict(C=c, E=extra, H=size, k=k, cl=cl), cpu=cpu)
 
 
 RESIDUAL_CASES = [
@@ -123,6 +126,11 @@ RESIDUAL_CASES = [
     _res("cifar10", 32, 128, 256),
     _res("cifar10", 32, 128, 512),
     _res("cifar10", 32, 128, 512, "td"),
+    _res("mnist", 14, 64, 512, "merge", cl=True),
+    _res("cifar10", 16, 128, 512, cl=True),
+    _res("cifar10", 32, 64, 256, "merge", cl=True),
+    _res("cifar10", 32, 128, 512, cl=True),
+    _res("cifar10", 32, 128, 512, "td", cl=True),
 ]
 
 
@@ -135,8 +143,9 @@ def test_residual_conv_block(benchmark, impl, mode, device, dtype, case):
     B = scaled_batch(case.batch, quick)
     C, E, H, k = case["C"], case["E"], case["H"], case["k"]
     M = C
-    h = _randn(B, C, H, H, dev=dev, dt=dt)
-    extra = _randn(B, E, H, H, dev=dev, dt=dt) if E else None
+    fmt = torch.channels_last if case["cl"] else torch.contiguous_format
+    h = _randn(B, C, H, H, dev=dev, dt=dt).contiguous(memory_format=fmt)
+    extra = _randn(B, E, H, H, dev=dev, dt=dt).contiguous(memory_format=fmt) if E else None
     w1 = _randn(M, C + E, k, k, dev=dev, dt=dt, scale=((C + E) * k * k) ** -0.5)
     b1 = _randn(M, dev=dev, dt=dt, scale=0.1)
     w2 = _randn(C, M, k, k, dev=dev, dt=dt, scale=(M * k * k) ** -0.5)

@@ -26,7 +26,23 @@ def wgrad(dtype, blocks):
     (launch,) = sink.values()
     return kr.analyse(launch, kr.triton_kernels(), 90).problems
 
+def nhwc_fwd():
+    from matnet.kernels import conv_nhwc as CN
+    cl = torch.channels_last
+    x = torch.empty(64, 64, 16, 16, dtype=torch.bfloat16, device="meta").contiguous(memory_format=cl)
+    sink = {{}}
+    with kr.capturing(sink, {{"op": "probe"}}):
+        CN.launch_conv(x, torch.empty(9, 64, 64, dtype=torch.bfloat16, device="meta"), torch.empty_like(x), k=3)
+    out = []
+    for launch in sink.values():
+        c = launch.constexprs
+        box = list(CN.tile_shape(c["BLOCK_P"], 16, 16)) + [c["BLOCK_K"]]
+        out.append([launch.signature["x1"], "tensordesc<bf16[" + ",".join(map(str, box)) + "]>"])
+    row = kr.analyse(next(iter(sink.values())), kr.triton_kernels(), 90)
+    return {{"boxes": out, "tma": row.tma, "wgmma": row.tensor_core_mma, "problems": row.problems}}
+
 print(json.dumps({{
+    "nhwc": nhwc_fwd(),
     "bf16_default": wgrad(torch.bfloat16, None),
     "bf16_m32": wgrad(torch.bfloat16, (64, 32, 32)),
     "fp32_huge": wgrad(torch.float32, (256, 128, 64)),
@@ -42,6 +58,10 @@ def test_report_flags_spills_shared_memory_and_missing_wgmma():
     assert out.returncode == 0, out.stderr[-3000:]
     problems = json.loads(out.stdout.strip().splitlines()[-1])
     assert problems["bf16_default"] == []  # what the launcher picks on a GPU is clean
+    # an autotuned launch is recorded once per config its pruning keeps, each with its own TMA box
+    nhwc = problems["nhwc"]
+    assert len(nhwc["boxes"]) > 1 and all(got == want for got, want in nhwc["boxes"])
+    assert nhwc["tma"] and nhwc["wgmma"] and nhwc["problems"] == []
     # a 32-row tile cannot use wgmma (M >= 64), so the bf16 weight gradient falls back to mma.sync
     assert any("without tensor-core MMA" in p for p in problems["bf16_m32"])
     # 256x128 + 256x64 fp32 tiles with a gate need far more than 227 KB of shared memory, or spill

@@ -12,14 +12,14 @@ Backward reuses the same kernels: grad x is the transposed conv of grad y over t
 (grad cond over all taps); grad w is zero on the masked taps (never written) and the sum over
 B*H*W of grad y x shifted input on the others; grad bias the sum of grad y.
 
-The implicit-GEMM kernels live in `residual_conv.py`.
+The implicit-GEMM kernels live in `residual_conv.py` (NCHW) and `conv_nhwc.py` (channels_last).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .residual_conv import launch_conv, pack_weight, pack_weight_t, weight_grad
+from .residual_conv import engine, packed
 
 
 def causal_taps(kernel_size: int, mask_type: str) -> int:
@@ -37,12 +37,15 @@ def masked_conv2d_fwd(
 ) -> torch.Tensor:
     """y = masked_conv2d(x, weight, bias, mask_type, cond), shapes as in the module docstring
     (validated by the caller). Returns [B, Co, H, W] in x's dtype."""
-    x = x.contiguous()
-    cond = None if cond is None or cond.shape[1] == 0 else cond.contiguous()
+    conv, _, fmt = engine(x)
+    cond = None if cond is None or cond.shape[1] == 0 else cond
+    if fmt is torch.contiguous_format:
+        x = x.contiguous()
+        cond = None if cond is None else cond.contiguous()
     B, _, H, W = x.shape
     k = weight.shape[-1]
-    y = torch.empty(B, weight.shape[0], H, W, dtype=x.dtype, device=x.device)
-    launch_conv(x, pack_weight(weight), y, k=k, taps1=causal_taps(k, mask_type), x2=cond, taps2=k * k,
+    y = torch.empty(B, weight.shape[0], H, W, dtype=x.dtype, device=x.device, memory_format=fmt)
+    conv(x, packed(weight), y, k=k, taps1=causal_taps(k, mask_type), x2=cond, taps2=k * k,
                 bias=bias, block_sizes=block_sizes)
     return y
 
@@ -58,17 +61,19 @@ def masked_conv2d_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad x, grad weight, grad bias, grad cond), grad cond empty [0] without cond (the registered
     op's convention). grad weight is exactly zero on the masked taps of the x channels."""
-    grad_y, x = grad_y.contiguous(), x.contiguous()
-    cond = None if cond is None else cond.contiguous()
+    conv, wgrad, fmt = engine(x)
+    if fmt is torch.contiguous_format:
+        grad_y, x = grad_y.contiguous(), x.contiguous()
+        cond = None if cond is None else cond.contiguous()
     k = weight.shape[-1]
     cx = x.shape[1]
     taps = causal_taps(k, mask_type)
-    wt = pack_weight_t(weight)  # [k*k, Co, Cx + Cc]: the input-gradient operand
-    gx = torch.empty_like(x)
-    launch_conv(grad_y, wt[:, :, :cx], gx, k=k, sgn=-1, taps1=taps, block_sizes=block_sizes)
+    wt = packed(weight, True)  # [k*k, Co, Cx + Cc]: the input-gradient operand
+    gx = torch.empty_like(x, memory_format=fmt)
+    conv(grad_y, wt[:, :, :cx], gx, k=k, sgn=-1, taps1=taps, block_sizes=block_sizes)
     gcond = x.new_empty(0)
     if cond is not None:
-        gcond = torch.empty_like(cond)
-        launch_conv(grad_y, wt[:, :, cx:], gcond, k=k, sgn=-1, block_sizes=block_sizes)
-    gw, gb = weight_grad(grad_y, [(x, taps), (cond, k * k)], k, block_sizes=block_sizes, split=wgrad_split)
+        gcond = torch.empty_like(cond, memory_format=fmt)
+        conv(grad_y, wt[:, :, cx:], gcond, k=k, sgn=-1, block_sizes=block_sizes)
+    gw, gb = wgrad(grad_y, [(x, taps), (cond, k * k)], k, block_sizes=block_sizes, split=wgrad_split)
     return gx, gw, gb, gcond

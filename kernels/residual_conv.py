@@ -24,25 +24,28 @@ Loads are masked and upcast to fp32 at once; accumulation is fp32. On a GPU, fp1
 operands go to `tl.dot` in their own dtype (tensor cores), fp32 ones as tf32 where torch lets
 cuDNN's fp32 convolutions use it (`utils.conv_fp32_precision`). Under TRITON_INTERPRET=1 the same kernels run on CPU
 tensors, all in fp32. Offsets within one sample (C*H*W) are 32-bit, the batch term 64-bit.
+
+These are the NCHW kernels. `engine(t)` sends channels_last activations to the NHWC engine of
+`conv_nhwc.py` (same launcher contract), so the block and `masked_conv.py` run on either.
 """
 
 from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import device_ctx, dot_mode, interpreting
+from matnet.ops._dispatch import layout
+
+from . import conv_nhwc
+from .utils import device_ctx, dlrelu, dot_mode, interpreting, stage_output, wgrad_split
 
 ACT_NONE = 0
 ACT_LRELU = 1  # epilogue applies lrelu
 ACT_DLRELU = 2  # epilogue multiplies by lrelu'(saved activation)
-
-
-@triton.jit
-def _dlrelu(v, slope):
-    # lrelu'(a), from a or from lrelu(a): both carry the sign of a when slope >= 0
-    return tl.where(v > 0, 1.0, slope)
 
 
 @triton.jit
@@ -78,7 +81,7 @@ def _conv_accumulate(
         a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
         if GATE:
             gv = tl.load(gate_ptr + a_off, mask=a_mask, other=0.0).to(tl.float32)
-            a = a * _dlrelu(gv, slope)
+            a = a * dlrelu(gv, slope)
         w_ptrs = w_ptr + (t * s_wt + (c_off + c0) * s_wc) + w_tile
         w_mask = c_ok[:, None] & n_mask[None, :]
         if LOWP:
@@ -143,13 +146,13 @@ def _conv_same_kernel(
         r = tl.load(res_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
         if GATE_RES:
             rg = tl.load(res_gate_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-            r = r * _dlrelu(rg, slope)
+            r = r * dlrelu(rg, slope)
         acc += r
     if ACT == 1:
         acc = tl.where(acc > 0, acc, acc * slope)
     if ACT == 2:
         av = tl.load(act_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-        acc = acc * _dlrelu(av, slope)
+        acc = acc * dlrelu(av, slope)
     tl.store(y1_ptr + y_off, acc.to(y1_ptr.dtype.element_ty), mask=y_mask)
     if SPLIT_Y:
         y2_off = b[:, None] * s_y2b + (offs_n - N1)[None, :] * HW + s[:, None]
@@ -202,7 +205,7 @@ def _conv_wgrad_kernel(
         gv = tl.load(g_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
         if GATE_G:
             gg = tl.load(g_gate_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-            gv = gv * _dlrelu(gg, slope)
+            gv = gv * dlrelu(gg, slope)
         iy = s // W + dy
         ix = s % W + dx
         sp_ok = p_mask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
@@ -243,6 +246,30 @@ def _blocks(P: int, N: int, C: int, block_sizes: tuple[int, int, int] | None) ->
 
 
 GPU_WARPS = 8
+
+
+def engine(t: torch.Tensor) -> tuple[Callable, Callable, torch.memory_format]:
+    """(launch_conv, weight_grad, activation layout) of the engine for activation t: the NHWC engine of
+    `conv_nhwc.py` for channels_last t, these NCHW kernels otherwise."""
+    if layout(t) is torch.channels_last:
+        return conv_nhwc.launch_conv, conv_nhwc.weight_grad, torch.channels_last
+    return launch_conv, weight_grad, torch.contiguous_format
+
+
+_PACKED: dict[tuple[int, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """`pack_weight(w)` (or `pack_weight_t`), cached per parameter version: repacked only after w
+    changes in place (an optimizer step bumps its version), dropped when w is freed."""
+    key = (id(w), transposed)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == w._version:
+        return hit[2]
+    out = (pack_weight_t if transposed else pack_weight)(w)
+    if w.device.type != "meta":
+        _PACKED[key] = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), w._version, out)
+    return out
 
 
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
@@ -292,7 +319,7 @@ def launch_conv(
     BP, BN, BK = _blocks(P, N, max(C1, C2), block_sizes)
     lowp, prec = dot_mode(x1.dtype)
     # the interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest even): stage in fp32 there
-    staged = [(y, torch.empty(y.shape, dtype=torch.float32, device=y.device)) if _stage(y) else (y, y)
+    staged = [(y, torch.empty(y.shape, dtype=torch.float32, device=y.device)) if stage_output(y) else (y, y)
               for y in (y1, y2)]
     y1, y2 = (tmp for _, tmp in staged)
     dummy = y1
@@ -318,22 +345,6 @@ def launch_conv(
             y.copy_(tmp)
 
 
-def _stage(y: torch.Tensor | None) -> bool:
-    return y is not None and y.dtype == torch.bfloat16 and interpreting()
-
-
-def _wgrad_split(P: int, tiles: int, BP: int, device: torch.device, split: int | None) -> int:
-    p_blocks = triton.cdiv(P, BP)
-    if split is None:
-        if interpreting() or device.type != "cuda":
-            split = 1
-        else:
-            # enough programs to fill the GPU; each keeps a few pixel blocks to amortize its store
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            split = max(1, min(p_blocks // 4, triton.cdiv(4 * sms, max(tiles, 1))))
-    return max(1, min(split, p_blocks))
-
-
 def weight_grad(
     g: torch.Tensor,
     sources: list[tuple[torch.Tensor | None, int]],
@@ -357,7 +368,7 @@ def weight_grad(
         BN = max(BN, 64)  # N is the dot's M here, and Hopper's wgmma needs M >= 64 (else mma.sync)
     lowp, prec = dot_mode(g.dtype)
     tiles = triton.cdiv(N, BN) * triton.cdiv(max(c_max, 1), BC) * kk
-    n_split = _wgrad_split(P, tiles, BP, g.device, split)
+    n_split = wgrad_split(P, tiles, BP, g.device, split)
     n_iter = triton.cdiv(triton.cdiv(P, BP), n_split)
     ws = torch.zeros(n_split, N, c_tot, kk, dtype=torch.float32, device=g.device)
     wsb = torch.zeros(n_split, N, dtype=torch.float32, device=g.device)
@@ -403,16 +414,16 @@ def residual_conv_block_fwd(
     Inputs as in `matnet.ops.reference.residual_conv_block` (validated by the caller);
     a1 [B, M, H, W] is the saved activation for the backward pass.
     """
-    h = h.contiguous()
-    extra = None if extra is None else extra.contiguous()
+    conv, _, fmt = engine(h)
+    if fmt is torch.contiguous_format:
+        h = h.contiguous()
+        extra = None if extra is None else extra.contiguous()
     B, C, H, W = h.shape
     M, k1, k2 = w1.shape[0], w1.shape[-1], w2.shape[-1]
-    a1 = torch.empty(B, M, H, W, dtype=h.dtype, device=h.device)
-    out = torch.empty_like(h)
-    launch_conv(h, pack_weight(w1), a1, k=k1, x2=extra, bias=b1, act=ACT_LRELU, slope=slope,
-                block_sizes=block_sizes)
-    launch_conv(a1, pack_weight(w2), out, k=k2, bias=b2, res=h, act=ACT_LRELU, slope=slope,
-                block_sizes=block_sizes)
+    a1 = torch.empty(B, M, H, W, dtype=h.dtype, device=h.device, memory_format=fmt)
+    out = torch.empty_like(h, memory_format=fmt)
+    conv(h, packed(w1), a1, k=k1, x2=extra, bias=b1, act=ACT_LRELU, slope=slope, block_sizes=block_sizes)
+    conv(a1, packed(w2), out, k=k2, bias=b2, res=h, act=ACT_LRELU, slope=slope, block_sizes=block_sizes)
     return out, a1
 
 
@@ -431,20 +442,22 @@ def residual_conv_block_bwd(
     """(grad_h, grad_extra, grad_w1, grad_b1, grad_w2, grad_b2) from the forward's saved (h, extra, w1,
     w2, out, a1); grad_extra is empty [0] without extra. Biases always get a gradient (unused when
     absent)."""
-    grad_out, h, out, a1 = (t.contiguous() for t in (grad_out, h, out, a1))
-    extra = None if extra is None else extra.contiguous()
+    conv, wgrad, fmt = engine(h)
+    if fmt is torch.contiguous_format:
+        grad_out, h, out, a1 = (t.contiguous() for t in (grad_out, h, out, a1))
+        extra = None if extra is None else extra.contiguous()
     k1, k2 = w1.shape[-1], w2.shape[-1]
     # g1 = conv_T(grad_out * lrelu'(out), w2) * lrelu'(a1)
-    g1 = torch.empty_like(a1)
-    launch_conv(grad_out, pack_weight_t(w2), g1, k=k2, sgn=-1, x1_gate=out, act=ACT_DLRELU, act_src=a1,
-                slope=slope, block_sizes=block_sizes)
+    g1 = torch.empty_like(a1, memory_format=fmt)
+    conv(grad_out, packed(w2, True), g1, k=k2, sgn=-1, x1_gate=out, act=ACT_DLRELU, act_src=a1,
+         slope=slope, block_sizes=block_sizes)
     # [gh; gextra] = conv_T(g1, w1) + [grad_out * lrelu'(out); 0]
-    gh = torch.empty_like(h)
-    gextra = None if extra is None else torch.empty_like(extra)
-    launch_conv(g1, pack_weight_t(w1), gh, k=k1, sgn=-1, y2=gextra, res=grad_out, res_gate=out,
-                slope=slope, block_sizes=block_sizes)
+    gh = torch.empty_like(h, memory_format=fmt)
+    gextra = None if extra is None else torch.empty_like(extra, memory_format=fmt)
+    conv(g1, packed(w1, True), gh, k=k1, sgn=-1, y2=gextra, res=grad_out, res_gate=out,
+         slope=slope, block_sizes=block_sizes)
     kk1, kk2 = k1 * k1, k2 * k2
-    gw2, gb2 = weight_grad(grad_out, [(a1, kk2)], k2, g_gate=out, slope=slope, block_sizes=block_sizes,
-                           split=wgrad_split)
-    gw1, gb1 = weight_grad(g1, [(h, kk1), (extra, kk1)], k1, block_sizes=block_sizes, split=wgrad_split)
+    gw2, gb2 = wgrad(grad_out, [(a1, kk2)], k2, g_gate=out, slope=slope, block_sizes=block_sizes,
+                     split=wgrad_split)
+    gw1, gb1 = wgrad(g1, [(h, kk1), (extra, kk1)], k1, block_sizes=block_sizes, split=wgrad_split)
     return gh, (h.new_empty(0) if gextra is None else gextra), gw1, gb1, gw2, gb2

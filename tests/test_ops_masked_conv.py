@@ -29,6 +29,7 @@ CASES = {
     "k1_B_cond": (3, 5, 3, 7, 5, 6, 1, "B", True),
     "k1_A_cond": (2, 3, 2, 4, 3, 3, 1, "A", True),  # x has no tap at all: only cond and bias
 }
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 PARAMS = [(c, torch.float32) for c in CASES] + [
     ("k3_A_cond_bias", torch.float16), ("k5_A_cond", torch.float16), ("k3_A_cond_bias", torch.bfloat16)]
 
@@ -59,12 +60,17 @@ def reference_with_grads(inputs, mask_type, grad, dtype):
     return y.detach(), {k: v.grad for k, v in t.items() if v is not None}
 
 
-def run_kernels(inputs, mask_type, grad, dtype, device, **kw):
+def run_kernels(inputs, mask_type, grad, dtype, device, fmt=torch.contiguous_format, **kw):
+    """The op's kernels with activations in `fmt` (channels_last: the NHWC engine)."""
     t = {k: None if v is None else v.to(dtype).to(device) for k, v in inputs.items()}
+    for k in ("x", "cond"):
+        t[k] = None if t[k] is None else t[k].contiguous(memory_format=fmt)
     y = K.masked_conv2d_fwd(t["x"], t["weight"], t["bias"], mask_type, t["cond"],
                             block_sizes=kw.get("block_sizes"))
-    gx, gw, gb, gcond = K.masked_conv2d_bwd(grad.to(dtype).to(device), t["x"], t["weight"], mask_type, t["cond"],
-                                            **kw)
+    gx, gw, gb, gcond = K.masked_conv2d_bwd(grad.to(dtype).to(device).contiguous(memory_format=fmt), t["x"],
+                                            t["weight"], mask_type, t["cond"], **kw)
+    if fmt is torch.channels_last:
+        assert y.is_contiguous(memory_format=fmt) and gx.is_contiguous(memory_format=fmt)
     return y, dict(x=gx, weight=gw, bias=gb, cond=gcond)
 
 
@@ -103,29 +109,32 @@ def test_causal_taps_is_the_mask_prefix():
 
 
 @pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case,dtype", PARAMS, ids=lambda v: str(v).replace("torch.", ""))
-def test_kernels_match_reference(case, dtype, device):
-    check_against_reference(CASES[case], dtype, device)
+def test_kernels_match_reference(case, dtype, layout, device):
+    check_against_reference(CASES[case], dtype, device, fmt=LAYOUTS[layout])
 
 
 @pytest.mark.parametrize("device", triton_devices())
-def test_kernels_many_tiles(device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernels_many_tiles(layout, device):
     """Small blocks: several pixel tiles, channel tiles on every axis, a split weight gradient
     (3 pixel blocks over 2 splits)."""
     check_against_reference((2, 17, 3, 9, 4, 5, 3, "B", True), torch.float32, device,
-                            block_sizes=(16, 16, 16), wgrad_split=2)
+                            block_sizes=(16, 16, 16), wgrad_split=2, fmt=LAYOUTS[layout])
 
 
 @pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k,mask_type", [(3, "A"), (3, "B"), (5, "A"), (5, "B")])
-def test_kernels_never_read_masked_weights(k, mask_type, device):
+def test_kernels_never_read_masked_weights(k, mask_type, layout, device):
     """NaN on the masked taps must not reach the output or grad x: those taps are never visited;
     grad weight is exactly zero there."""
     inputs, _, grad = make_inputs((2, 3, 2, 4, 4, 5, k, mask_type, True), torch.float32, device)
     masked = masked_taps(k, mask_type, 3, inputs["weight"].shape, device)
     clean = dict(inputs, weight=inputs["weight"].masked_fill(masked, 0.0))
     poisoned = dict(inputs, weight=inputs["weight"].masked_fill(masked, float("nan")))
-    y, grads = run_kernels(poisoned, mask_type, grad, torch.float32, device)
+    y, grads = run_kernels(poisoned, mask_type, grad, torch.float32, device, fmt=LAYOUTS[layout])
     ref_y, ref_grads = reference_with_grads(clean, mask_type, grad, torch.float64)
     torch.testing.assert_close(y.double(), ref_y, atol=1e-5, rtol=1e-5)
     for name in ("x", "cond", "bias"):
@@ -157,12 +166,13 @@ def _assert_causal(y, H, W):
 
 
 @pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("k,mask_type", [(3, "A"), (3, "B"), (5, "A"), (5, "B")])
-def test_kernel_output_is_causal(k, mask_type, device):
+def test_kernel_output_is_causal(k, mask_type, layout, device):
     H, W = 4, 5
     inputs, _, _ = make_inputs((1, 2, 2, 3, H, W, k, mask_type, True), torch.float32)
-    x = _causality_batch(inputs["x"], mask_type)
-    cond = inputs["cond"].expand(x.shape[0], -1, -1, -1).contiguous()  # cond is unrestricted, kept fixed
+    x = _causality_batch(inputs["x"], mask_type).contiguous(memory_format=LAYOUTS[layout])
+    cond = inputs["cond"].expand(x.shape[0], -1, -1, -1).contiguous(memory_format=LAYOUTS[layout])
     y = K.masked_conv2d_fwd(x.to(device), inputs["weight"].to(device), inputs["bias"].to(device), mask_type,
                             cond.to(device))
     _assert_causal(y.cpu(), H, W)

@@ -28,6 +28,7 @@ CASES = {
     "fc_1x1": (4, 6, 0, 9, 1, 1, 1, True),
 }
 # every case in fp32; low precision on a subset (interpreter time)
+LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 PARAMS = [(c, torch.float32) for c in CASES] + [
     ("k3_extra", torch.float16), ("k1_extra", torch.float16), ("k3_extra", torch.bfloat16)]
 
@@ -66,12 +67,20 @@ def reference_with_grads(inputs, grad, dtype, slope=0.1):
     return out.detach(), {k: x[k].grad for k in NAMES if x[k] is not None}
 
 
-def run_kernels(inputs, grad, dtype, device, slope=0.1, **kw):
+def run_kernels(inputs, grad, dtype, device, slope=0.1, fmt=torch.contiguous_format, **kw):
+    """The block's kernels with activations in `fmt`: channels_last runs the NHWC engine (whose outputs
+    must come back channels_last), contiguous the NCHW one."""
     x = {k: None if v is None else v.to(dtype).to(device) for k, v in inputs.items()}
+    for k in ("h", "extra"):
+        x[k] = None if x[k] is None else x[k].contiguous(memory_format=fmt)
     out, a1 = K.residual_conv_block_fwd(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"], slope,
                                         block_sizes=kw.get("block_sizes"))
     gh, gextra, gw1, gb1, gw2, gb2 = K.residual_conv_block_bwd(
-        grad.to(dtype).to(device), x["h"], x["extra"], x["w1"], x["w2"], out, a1, slope, **kw)
+        grad.to(dtype).to(device).contiguous(memory_format=fmt), x["h"], x["extra"], x["w1"], x["w2"], out, a1,
+        slope, **kw)
+    if K.engine(x["h"])[2] is torch.channels_last:
+        for t in (out, a1, gh) + (() if x["extra"] is None else (gextra,)):
+            assert t.is_contiguous(memory_format=torch.channels_last)
     grads = dict(h=gh, w1=gw1, b1=gb1, w2=gw2, b2=gb2, extra=gextra)
     return out, a1, grads
 
@@ -100,9 +109,10 @@ def check_against_reference(case, dtype, device, **kw):
 
 
 @pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case,dtype", PARAMS, ids=lambda v: str(v).replace("torch.", ""))
-def test_kernels_match_reference(case, dtype, device):
-    a1 = check_against_reference(CASES[case], dtype, device)
+def test_kernels_match_reference(case, dtype, layout, device):
+    a1 = check_against_reference(CASES[case], dtype, device, fmt=LAYOUTS[layout])
     inputs, _ = make_inputs(CASES[case], dtype, device)
     inp = inputs["h"] if inputs["extra"] is None else torch.cat([inputs["h"], inputs["extra"]], 1)
     k = inputs["w1"].shape[-1]
@@ -113,20 +123,22 @@ def test_kernels_match_reference(case, dtype, device):
 
 
 @pytest.mark.parametrize("device", triton_devices())
-def test_kernels_many_tiles(device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernels_many_tiles(layout, device):
     """Small blocks: several pixel tiles, channel tiles on every axis, batch straddling tiles, and a
     split weight-gradient reduction (3 pixel blocks over 2 splits: 2 blocks each, the last partly empty)."""
     check_against_reference((2, 17, 2, 9, 4, 5, 3, True), torch.float32, device,
-                            block_sizes=(16, 16, 16), wgrad_split=2)
+                            block_sizes=(16, 16, 16), wgrad_split=2, fmt=LAYOUTS[layout])
 
 
 @pytest.mark.parametrize("device", triton_devices())
-def test_kernels_mixed_kernel_sizes_and_slope(device):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kernels_mixed_kernel_sizes_and_slope(layout, device):
     """w1 and w2 may have different odd sizes; slope 0 (ReLU) also has its derivative read off signs."""
     inputs, grad = make_inputs((2, 3, 2, 4, 5, 5, 3, True), torch.float32, device)
     inputs["w2"] = torch.randn(3, 4, 1, 1, dtype=torch.float64).to(device) * 0.5
     for slope in (0.0, 0.3):
-        out, _, grads = run_kernels(inputs, grad, torch.float32, device, slope=slope)
+        out, _, grads = run_kernels(inputs, grad, torch.float32, device, slope=slope, fmt=LAYOUTS[layout])
         ref_out, ref_grads = reference_with_grads(inputs, grad, torch.float64, slope)
         torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
         for name, g in ref_grads.items():

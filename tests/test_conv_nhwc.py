@@ -1,0 +1,118 @@
+"""The channels-last engine of kernels/conv_nhwc.py: its TMA and pointer paths, every autotuned config,
+in-place channel chunks, tile shapes, and the packed-weight cache. The block-level comparisons against
+the reference over odd shapes (both engines) are in test_ops_residual.py and test_ops_masked_conv.py."""
+
+import pytest
+import torch
+from helpers import assert_within_ref_error, triton_devices
+from test_ops_residual import make_inputs, reference_with_grads, run_kernels
+
+try:
+    from matnet.kernels import conv_nhwc as E
+    from matnet.kernels import residual_conv as RC
+except ImportError:  # no triton
+    E = RC = None
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(E is None, reason="needs triton")]
+CL = torch.channels_last
+# (B, C, E, M, H, W, k, bias) with 8 channels everywhere: every pixel stride is a multiple of 16 bytes
+ALIGNED = (3, 8, 8, 16, 7, 6, 3, True)
+
+
+def _check(case, dtype, device, **kw):
+    inputs, grad = make_inputs(case, dtype, device)
+    out, _, grads = run_kernels(inputs, grad, dtype, device, fmt=CL, **kw)
+    truth_out, truth_grads = reference_with_grads(inputs, grad, torch.float64)
+    ref_out, ref_grads = reference_with_grads(inputs, grad, dtype)
+    assert_within_ref_error("out", out, ref_out, truth_out)
+    for name, truth in truth_grads.items():
+        assert_within_ref_error(f"grad {name}", grads[name], ref_grads[name], truth)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_aligned_sources_use_tma(dtype):
+    x = torch.zeros(2, 8, 5, 5, dtype=dtype).contiguous(memory_format=CL)
+    args, tma, strides = E._sources([x, x.clone()], None)
+    assert tma and all(isinstance(a, E.TensorDescriptor) for a in args) and strides == (200, 40, 8)
+    odd = torch.zeros(2, 5 if dtype == torch.float32 else 4, 5, 5, dtype=dtype).contiguous(memory_format=CL)
+    assert not E._sources([odd], None)[1]  # 20 / 8-byte pixel strides: pointer loads
+    assert not E._sources([x], False)[1]
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tma_path_matches_reference(dtype, device):
+    _check(ALIGNED, dtype, device)
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_tma_and_pointer_paths_agree(device, monkeypatch):
+    """The same launch with TMA descriptors and with pointer loads (forced) gives the same result."""
+    inputs, grad = make_inputs(ALIGNED, torch.float32, device)
+    with_tma = run_kernels(inputs, grad, torch.float32, device, fmt=CL)
+    real = E._sources
+    monkeypatch.setattr(E, "_sources", lambda ts, use_tma: real(ts, False))
+    pointers = run_kernels(inputs, grad, torch.float32, device, fmt=CL)
+    torch.testing.assert_close(with_tma[0], pointers[0], atol=1e-6, rtol=1e-6)
+    for name, g in with_tma[2].items():
+        torch.testing.assert_close(g, pointers[2][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("config", E._fwd_configs() if E else [], ids=str)
+def test_every_autotuned_config_is_right(config, device):
+    """Each GPU config's tile (TB x TH x TW) and blocks, run under the interpreter: on 7x6 maps with a
+    batch of 3 the 64- and 128-pixel tiles straddle images and leave partial rows."""
+    kw = config.kwargs
+    _check(ALIGNED, torch.float32, device, block_sizes=(kw["BLOCK_P"], kw["BLOCK_N"], kw["BLOCK_K"]))
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_small_maps_tile_over_images(device):
+    """1x1 and 2x3 maps: a tile covers many images (TB > 1), the last one partly empty."""
+    assert E.tile_shape(64, 1, 1) == (64, 1, 1) and E.tile_shape(64, 2, 4) == (8, 2, 4)
+    assert E.tile_shape(64, 8, 8) == (1, 8, 8) and E.tile_shape(128, 32, 32) == (1, 4, 32)
+    _check((37, 8, 0, 8, 2, 3, 3, True), torch.float32, device, block_sizes=(64, 16, 16))
+
+
+@pytest.mark.parametrize("device", triton_devices())
+def test_channel_chunks_read_in_place(device):
+    """Sources that are channel chunks of one channels_last tensor (as torch.chunk of a merged state
+    gives) are read through their strides, TMA included, and give the contiguous result."""
+    B, H, W = 2, 5, 6
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(B, 24, H, W, generator=g).to(device).contiguous(memory_format=CL)
+    h, extra = big[:, :8], big[:, 8:16]
+    assert h.stride(1) == 1 and not h.is_contiguous(memory_format=CL)
+    assert E._sources([h], None)[1]
+    w1 = torch.randn(16, 16, 3, 3, generator=g).to(device) * 0.1
+    w2 = torch.randn(8, 16, 3, 3, generator=g).to(device) * 0.1
+    b1, b2 = torch.randn(16, generator=g).to(device), torch.randn(8, generator=g).to(device)
+    out, a1 = RC.residual_conv_block_fwd(h, w1, b1, w2, b2, extra, 0.1)
+    ref, _ = RC.residual_conv_block_fwd(h.contiguous(memory_format=CL), w1, b1, w2, b2,
+                                        extra.contiguous(memory_format=CL), 0.1)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_engine_follows_the_layout():
+    x = torch.zeros(2, 4, 5, 5)
+    assert RC.engine(x)[0] is RC.launch_conv
+    assert RC.engine(x.contiguous(memory_format=CL))[0] is E.launch_conv
+    assert RC.engine(x.contiguous(memory_format=CL)[:, 1:3])[0] is E.launch_conv  # a channel chunk
+    assert RC.engine(torch.zeros(2, 4, 1, 1).contiguous(memory_format=CL))[0] is RC.launch_conv  # both
+
+
+def test_packed_weights_are_cached_per_version():
+    w = torch.randn(6, 4, 3, 3)
+    p = RC.packed(w)
+    assert RC.packed(w) is p and torch.equal(p, RC.pack_weight(w))
+    pt = RC.packed(w, True)
+    assert pt is not p and torch.equal(pt, RC.pack_weight_t(w))
+    with torch.no_grad():
+        w.mul_(2)  # an optimizer step: in place, new version
+    p2 = RC.packed(w)
+    assert p2 is not p and torch.equal(p2, RC.pack_weight(w))
+    key = (id(w), False)
+    del w
+    assert key not in RC._PACKED  # freed with the weight
