@@ -274,7 +274,10 @@ def _prune_fwd(configs, nargs, **kw):
     return kept or configs[:1]
 
 
-FWD_KEY = ["B", "H", "W", "C1", "C2", "N", "N1"]
+# shapes and every constexpr the launcher sets: a forward conv and an input-gradient conv of one shape
+# have different epilogues (and prunings), so they are tuned apart
+FWD_KEY = ["B", "H", "W", "C1", "C2", "N", "N1", "K", "SGN", "T1", "T2", "HAS_X2", "GATE_X1", "HAS_BIAS", "HAS_RES",
+           "GATE_RES", "ACT", "SPLIT_Y", "TMA1", "TMA2", "LOWP", "DOT_PREC"]
 _conv_nhwc_tuned = triton.autotune(_fwd_configs(), key=FWD_KEY, prune_configs_by={"early_config_prune": _prune_fwd})(
     _conv_nhwc_kernel)
 

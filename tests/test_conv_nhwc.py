@@ -116,3 +116,12 @@ def test_packed_weights_are_cached_per_version():
     key = (id(w), False)
     del w
     assert key not in RC._PACKED  # freed with the weight
+
+
+def test_autotune_key_holds_every_constexpr():
+    """A config tuned for one epilogue must not be reused for another of the same shape."""
+    constexprs = {p.name for p in E._conv_nhwc_kernel.params if p.is_constexpr}
+    tuned = {"BLOCK_P", "BLOCK_N", "BLOCK_K"}
+    derived = {"H_P2", "W_P2"}  # functions of H and W, which are in the key
+    assert constexprs - tuned - derived <= set(E.FWD_KEY)
+    assert set(E._conv_nhwc_tuned.keys) == set(E.FWD_KEY)
