@@ -30,7 +30,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import device_ctx, dlrelu, dot_mode, interpreting, stage_output, wgrad_split
+from .utils import (
+    conv_epilogue,
+    copy_back,
+    device_ctx,
+    dlrelu,
+    dot_mode,
+    interpreting,
+    stage_outputs,
+    wgrad_split,
+)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -143,19 +152,8 @@ def _conv_nhwc_kernel(
     pix = (bi * H + yi) * W + xi
     y_off = pix[:, None] * N1 + offs_n[None, :]
     y_mask = p_ok[:, None] & (offs_n < N1)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_RES:
-        r = tl.load(res_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-        if GATE_RES:
-            rg = tl.load(res_gate_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-            r = r * dlrelu(rg, slope)
-        acc += r
-    if ACT == 1:
-        acc = tl.where(acc > 0, acc, acc * slope)
-    if ACT == 2:
-        av = tl.load(act_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-        acc = acc * dlrelu(av, slope)
+    acc = conv_epilogue(acc, bias_ptr, res_ptr, res_gate_ptr, act_ptr, y_off, y_mask, offs_n, n_mask, slope,
+                        HAS_BIAS, HAS_RES, GATE_RES, ACT)
     tl.store(y1_ptr + y_off, acc.to(y1_ptr.dtype.element_ty), mask=y_mask)
     if SPLIT_Y:
         y2_off = pix[:, None] * (N - N1) + (offs_n - N1)[None, :]
@@ -356,8 +354,7 @@ def launch_conv(
     g1 = g1[0] if g1 else None
     has_x2 = x2 is not None and C2 > 0
     (a2,), tma2, s2 = _sources([x2], use_tma) if has_x2 else ((None,), False, (0, 0, 0))
-    staged = [(y, torch.empty(y.shape, dtype=torch.float32, device=y.device, memory_format=cl)) if stage_output(y)
-              else (y, y) for y in (y1, y2)]
+    staged = stage_outputs((y1, y2))
     y1s, y2s = (tmp for _, tmp in staged)
     dummy = y1s
     lowp, prec = dot_mode(x1.dtype)
@@ -384,9 +381,7 @@ def launch_conv(
             _conv_nhwc_kernel[grid(meta)](*args, **consts, **meta, num_warps=4)
         else:
             _conv_nhwc_tuned[grid](*args, **consts)
-    for y, tmp in staged:
-        if tmp is not y:
-            y.copy_(tmp)
+    copy_back(staged)
 
 
 def _extent(x: torch.Tensor) -> int:

@@ -41,7 +41,16 @@ import triton.language as tl
 from matnet.ops._dispatch import layout
 
 from . import conv_nhwc
-from .utils import device_ctx, dlrelu, dot_mode, interpreting, stage_output, wgrad_split
+from .utils import (
+    conv_epilogue,
+    copy_back,
+    device_ctx,
+    dlrelu,
+    dot_mode,
+    interpreting,
+    stage_outputs,
+    wgrad_split,
+)
 
 ACT_NONE = 0
 ACT_LRELU = 1  # epilogue applies lrelu
@@ -140,19 +149,8 @@ def _conv_same_kernel(
 
     y_off = b[:, None] * s_y1b + offs_n[None, :] * HW + s[:, None]
     y_mask = p_mask[:, None] & (offs_n < N1)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_RES:
-        r = tl.load(res_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-        if GATE_RES:
-            rg = tl.load(res_gate_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-            r = r * dlrelu(rg, slope)
-        acc += r
-    if ACT == 1:
-        acc = tl.where(acc > 0, acc, acc * slope)
-    if ACT == 2:
-        av = tl.load(act_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
-        acc = acc * dlrelu(av, slope)
+    acc = conv_epilogue(acc, bias_ptr, res_ptr, res_gate_ptr, act_ptr, y_off, y_mask, offs_n, n_mask, slope,
+                        HAS_BIAS, HAS_RES, GATE_RES, ACT)
     tl.store(y1_ptr + y_off, acc.to(y1_ptr.dtype.element_ty), mask=y_mask)
     if SPLIT_Y:
         y2_off = b[:, None] * s_y2b + (offs_n - N1)[None, :] * HW + s[:, None]
@@ -318,9 +316,7 @@ def launch_conv(
     bias = None if bias is None else bias.contiguous()  # read with unit stride
     BP, BN, BK = _blocks(P, N, max(C1, C2), block_sizes)
     lowp, prec = dot_mode(x1.dtype)
-    # the interpreter truncates fp32 -> bf16 stores (a GPU rounds to nearest even): stage in fp32 there
-    staged = [(y, torch.empty(y.shape, dtype=torch.float32, device=y.device)) if stage_output(y) else (y, y)
-              for y in (y1, y2)]
+    staged = stage_outputs((y1, y2))
     y1, y2 = (tmp for _, tmp in staged)
     dummy = y1
     grid = (triton.cdiv(P, BP), triton.cdiv(N, BN))
@@ -340,9 +336,7 @@ def launch_conv(
             LOWP=lowp, DOT_PREC=prec, BLOCK_P=BP, BLOCK_N=BN, BLOCK_K=BK,
             num_warps=GPU_WARPS,
         )
-    for y, tmp in staged:
-        if tmp is not y:
-            y.copy_(tmp)
+    copy_back(staged)
 
 
 def weight_grad(

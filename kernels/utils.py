@@ -42,10 +42,39 @@ def dlrelu(v, slope):
     return tl.where(v > 0, 1.0, slope)
 
 
-def stage_output(y: torch.Tensor | None) -> bool:
-    """Whether a kernel should write y through an fp32 copy: the interpreter truncates fp32 -> bf16
-    stores (a GPU rounds to nearest even)."""
-    return y is not None and y.dtype == torch.bfloat16 and interpreting()
+@triton.jit
+def conv_epilogue(acc, bias_ptr, res_ptr, res_gate_ptr, act_ptr, y_off, y_mask, offs_n, n_mask, slope,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATE_RES: tl.constexpr, ACT: tl.constexpr):
+    """act(acc + bias[n] + res), res optionally times lrelu'(res_gate); act: 0 none, 1 lrelu, 2 times
+    lrelu'(act_ptr). res, res_gate and act_ptr are read at y_off (the output's offsets), in fp32."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        r = tl.load(res_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
+        if GATE_RES:
+            rg = tl.load(res_gate_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
+            r = r * dlrelu(rg, slope)
+        acc += r
+    if ACT == 1:
+        acc = tl.where(acc > 0, acc, acc * slope)
+    if ACT == 2:
+        av = tl.load(act_ptr + y_off, mask=y_mask, other=0.0).to(tl.float32)
+        acc = acc * dlrelu(av, slope)
+    return acc
+
+
+def stage_outputs(ys: tuple[torch.Tensor | None, ...]) -> list[tuple]:
+    """(output, what the kernel writes) pairs: an fp32 twin (same layout) for a bf16 output under the
+    interpreter, which truncates fp32 -> bf16 stores where a GPU rounds to nearest even; else the output."""
+    return [(y, torch.empty_like(y, dtype=torch.float32)) if y is not None and y.dtype == torch.bfloat16
+            and interpreting() else (y, y) for y in ys]
+
+
+def copy_back(staged: list[tuple]) -> None:
+    """Rounds each fp32 twin of `stage_outputs` into its output."""
+    for y, tmp in staged:
+        if tmp is not y:
+            y.copy_(tmp)
 
 
 def wgrad_split(P: int, tiles: int, BP: int, device: torch.device, split: int | None) -> int:
