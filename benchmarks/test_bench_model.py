@@ -35,6 +35,7 @@ from benchutil import (
 )
 
 from matnet import FastMatNet, MatNet, MatNetConfig
+from matnet.cuda_graphs import graph_step
 
 MODEL_ROUNDS_ENV = "MATNET_BENCH_MODEL_ROUNDS"
 
@@ -130,35 +131,46 @@ TRAIN_CASES = [
 
 
 @pytest.mark.parametrize(("device", "dtype", "case"), device_params(TRAIN_CASES))
-# fast-cl: channels_last; fast-cl-bf16: channels_last under bf16 autocast (fp32 weights, fp32 likelihood and KL)
-@pytest.mark.parametrize("impl", ("reference", "fast", "fast-cl", "fast-cl-bf16", "compiled"))
+# fast-cl: channels_last; -bf16: under bf16 autocast (fp32 weights, fp32 likelihood and KL); -graph (CUDA): the
+# whole step (Adam included) replayed as one CUDA graph (matnet.cuda_graphs); compiled-ro: torch.compile's
+# reduce-overhead mode (CUDA graphs of the compiled forward and backward)
+@pytest.mark.parametrize("impl", ("reference", "fast", "fast-cl", "fast-cl-bf16", "fast-cl-graph",
+                                  "fast-cl-bf16-graph", "compiled", "compiled-ro"))
 def test_train_step(benchmark, impl, device, dtype, case):
     dev, dt = resolve(device, dtype)
     quick = quick_mode(benchmark)
-    autocast = impl.endswith("-bf16")
+    autocast = "-bf16" in impl
+    graphed = impl.endswith("-graph")
+    compiled = impl.startswith("compiled")
     if autocast and dt != torch.float32:
         pytest.skip("the autocast variant runs on an fp32 model")
-    if impl == "compiled" and quick:
+    if (graphed or impl == "compiled-ro") and dev.type != "cuda":
+        pytest.skip("CUDA graphs need CUDA")
+    if compiled and quick:
         pytest.skip("torch.compile is not benchmarked in quick mode (--benchmark-disable, MATNET_BENCH_QUICK)")
-    if impl == "compiled" and env_flag(NO_COMPILE_ENV):
+    if compiled and env_flag(NO_COMPILE_ENV):
         pytest.skip(f"{NO_COMPILE_ENV}=1")
     B = scaled_batch(case.batch, quick)
     model = build(case["preset"], impl, dev, dt).train()
     cfg = model.cfg
     x = make_batch(cfg, B, dev, dt)
     params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas)
-    if impl == "compiled":
+    # capturable: the step count and bias corrections stay on the GPU, as a graph replay needs
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, capturable=graphed)
+    if compiled:
         torch._dynamo.reset()  # a fresh cache: no recompilation limit carried over from earlier models
-        forward = torch.compile(model)
+        forward = torch.compile(model, mode="reduce-overhead" if impl == "compiled-ro" else None)
     else:
         forward = model
 
     if "-cl" in impl:
         x = x.contiguous(memory_format=torch.channels_last)
 
-    def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+    def step(x=x):
+        if impl == "compiled-ro":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be overwritten
+        # a captured graph must not keep autocast's weight casts from the capture (they would go stale)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=not graphed):
             out = forward(x)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -167,7 +179,13 @@ def test_train_step(benchmark, impl, device, dtype, case):
         return out.loss.detach()
 
     more = {}
-    if impl == "compiled":  # compile the forward and the backward graphs outside the timed region
+    if graphed:  # warm-up steps and the capture outside the timed region
+        t0 = time.perf_counter()
+        replay = graph_step(step, opt, x)
+        torch.cuda.synchronize(dev)
+        more["capture_s"] = round(time.perf_counter() - t0, 2)
+        step = functools.partial(replay, x)
+    if compiled:  # compile the forward and the backward graphs outside the timed region
         t0 = time.perf_counter()
         for _ in range(2):
             step()

@@ -1,12 +1,13 @@
 """Training throughput of `matnet train` in images/s, side by side: fp32 against bf16 autocast, NCHW against
 channels_last, eager against compiled, reference ops against fused ops, and 1 process against 2 (gloo).
 
-    python benchmarks/train_throughput.py --preset cifar10 --data-dir DIR [--steps 10] [--rounds 1]
+    python benchmarks/train_throughput.py --preset cifar10 --data-dir DIR [--steps 10] [--rounds 1] [--device cuda]
 
 Each setting is a real `matnet train` run (the data pipeline, optimizer and guards included) with the same seed
 and batch; images/s is read from its metrics rows after the first (which holds start-up and compilation). The
 settings run one after another in each round and the best round is kept, so every ratio comes from one run of
-this script. The 2-process setting gives each process half the threads of the 1-process ones.
+this script. The 2-process setting gives each process half the threads of the 1-process ones. `--device cuda`
+runs the GPU settings instead: bf16 and fp32, eager and compiled, and compiled with CUDA graphs (reduce-overhead).
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ SETTINGS: list[tuple[str, list[str], int]] = [  # name, extra flags, processes
     ("fused ops, fp32, channels_last, compiled", ["--ops", "fast", "--channels-last", "--compile"], 1),
     ("fused ops, fp32, channels_last, eager, 2 processes (gloo)", ["--ops", "fast", "--channels-last"], 2),
 ]
+_BF16_CL = ["--precision", "bf16", "--channels-last"]
+CUDA_SETTINGS: list[tuple[str, list[str], int]] = [
+    ("reference ops, fp32, NCHW, eager", ["--ops", "reference"], 1),
+    ("reference ops, bf16, channels_last, eager", ["--ops", "reference", *_BF16_CL], 1),
+    ("reference ops, bf16, channels_last, compiled", ["--ops", "reference", *_BF16_CL, "--compile"], 1),
+    ("reference ops, bf16, channels_last, compiled, CUDA graphs",
+     ["--ops", "reference", *_BF16_CL, "--compile", "--compile-mode", "reduce-overhead"], 1),
+    ("fused ops, fp32, channels_last, eager", ["--ops", "fast", "--channels-last"], 1),
+    ("fused ops, bf16, channels_last, eager", ["--ops", "fast", *_BF16_CL], 1),
+    ("fused ops, bf16, channels_last, compiled", ["--ops", "fast", *_BF16_CL, "--compile"], 1),
+    ("fused ops, bf16, channels_last, compiled, CUDA graphs",
+     ["--ops", "fast", *_BF16_CL, "--compile", "--compile-mode", "reduce-overhead"], 1),
+]
 
 
 def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) -> float:
@@ -38,6 +52,7 @@ def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) 
     threads = max(1, a.threads // procs)
     train = ["train", "--preset", a.preset, "--steps", str(a.steps), "--log-every", "2", "--eval-every", "0",
              "--ckpt-every", "0", "--no-resume", "--no-progress", "--threads", str(threads), "--out", str(out),
+             "--device", a.device,
              *(["--data-dir", a.data_dir] if a.data_dir else []), *(["--batch-size", str(a.batch)] if a.batch else []),
              *flags]
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
@@ -63,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per setting")
     p.add_argument("--only", default="", help="comma-separated setting numbers (1-based) to run")
     p.add_argument("--json", default=None, help="also write the table here")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every setting trains")
     a = p.parse_args(argv)
-    chosen = [SETTINGS[int(i) - 1] for i in a.only.split(",")] if a.only else SETTINGS
+    settings = CUDA_SETTINGS if a.device == "cuda" else SETTINGS
+    chosen = [settings[int(i) - 1] for i in a.only.split(",")] if a.only else settings
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
@@ -73,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 best[name] = max(best.get(name, 0.0), ips)
                 print(f"round {r + 1}: {name:58s} {ips:8.1f} images/s", file=sys.stderr, flush=True)
     base = best[chosen[0][0]]
-    print(f"\n{a.preset}, global batch {a.batch or 'of the preset'}, {a.threads} threads, best of {a.rounds}")
+    print(f"\n{a.preset}, global batch {a.batch or 'of the preset'}, {a.device}, {a.threads} threads, "
+          f"best of {a.rounds}")
     print(f"| setting | images/s | vs {chosen[0][0]} |\n|---|---:|---:|")
     for name in best:
         print(f"| {name} | {best[name]:.1f} | {best[name] / base:.2f}x |")

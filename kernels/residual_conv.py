@@ -257,14 +257,25 @@ def engine(t: torch.Tensor) -> tuple[Callable, Callable, torch.memory_format]:
 _PACKED: dict[tuple[int, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether t's stream is being captured into a CUDA graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
     """`pack_weight(w)` (or `pack_weight_t`), cached per parameter version: repacked only after w
-    changes in place (an optimizer step bumps its version), dropped when w is freed."""
+    changes in place (an optimizer step bumps its version), dropped when w is freed.
+
+    Never cached while a CUDA graph is captured: a replay repeats the captured kernels, not this Python
+    check, so the packing must be one of them to follow the optimizer steps replayed in between."""
+    pack = pack_weight_t if transposed else pack_weight
+    if capturing(w):
+        return pack(w)
     key = (id(w), transposed)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is w and hit[1] == w._version:
         return hit[2]
-    out = (pack_weight_t if transposed else pack_weight)(w)
+    out = pack(w)
     if w.device.type != "meta":
         _PACKED[key] = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), w._version, out)
     return out

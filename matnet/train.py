@@ -62,6 +62,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 OPS = ("auto", "fast", "reference")
 LR_SCALING = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}  # lr x (batch / base batch) ** power
 AUGMENT = ("auto", "hflip", "none")
+# torch.compile modes; those that replay CUDA graphs overwrite a call's outputs at the next call of the graph
+COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
 PROGRESS_INTERVAL_NOT_TTY = 5.0  # seconds between progress-bar refreshes into a log file
 # test hook, read by Trainer._poison_grads_for_tests only: "R:S" makes rank R's gradients NaN at step S, "R:S-"
 # from step S on (comma-separated specs add up); the multi-process tests use it to check that every rank skips
@@ -144,6 +146,9 @@ class TrainOptions:
                                        "overflow halves it and skips that update")
     channels_last: bool = _opt(False, "weights and batches in channels_last memory format")
     compile: bool = _opt(False, "torch.compile the forward pass and loss")
+    compile_mode: str = _opt("default", "with --compile: torch.compile's mode; reduce-overhead (and max-autotune) "
+                                        "replay the compiled kernels as CUDA graphs on CUDA: far fewer launches "
+                                        "for small batches", choices=tuple(COMPILE_MODES))
     grad_accum: int = _opt(1, "micro-batches per optimizer step, >= 1; --batch-size (the global batch) is "
                               "split into this many equal parts")
     warmup_steps: int = _opt(0, "steps of linear LR warm-up from 0 (0: off)")
@@ -201,9 +206,11 @@ class TrainOptions:
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{flag(name)} must be a finite number of minutes >= 0 (0: off), got {v}")
         for name, valid in (("ops", OPS), ("precision", PRECISIONS), ("lr_scaling", LR_SCALING),
-                            ("augment", AUGMENT)):
+                            ("augment", AUGMENT), ("compile_mode", COMPILE_MODES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"--compile-mode {self.compile_mode} needs --compile")
 
 
 class SkipGuard:
@@ -621,17 +628,28 @@ class Trainer:
     def _compiled_forward(self) -> Callable[..., Any]:
         """torch.compile of the forward pass and loss; a platform that cannot compile gives one clear error,
         at the first call at the latest (that is when torch.compile builds its code)."""
+        mode = self.opts.compile_mode
         try:
-            compiled = torch.compile(self._forward)
+            compiled = torch.compile(self._forward, **({} if mode == "default" else {"mode": mode}))
         except Exception as e:  # e.g. an unsupported Python or platform
             raise CompileUnavailable(e) from e
         first = [True]
 
+        def call(*inputs: torch.Tensor, kl_weight: float) -> Any:
+            if not COMPILE_MODES[mode]:
+                return compiled(*inputs, kl_weight=kl_weight)
+            # CUDA graphs: each call is a new step, and its outputs are copied out of the graph's memory, which
+            # the next call overwrites (the micro-batches of --grad-accum are read after the last one ran)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(*inputs, kl_weight=kl_weight)
+            return dataclasses.replace(out, **{f.name: v.clone() for f in dataclasses.fields(out)
+                                               if isinstance(v := getattr(out, f.name), torch.Tensor)})
+
         def forward(*inputs: torch.Tensor, kl_weight: float) -> Any:
             if not first[0]:
-                return compiled(*inputs, kl_weight=kl_weight)
+                return call(*inputs, kl_weight=kl_weight)
             try:
-                out = compiled(*inputs, kl_weight=kl_weight)
+                out = call(*inputs, kl_weight=kl_weight)
             except Exception as e:
                 import torch._dynamo.exc as dynamo_exc
 

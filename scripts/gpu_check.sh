@@ -2,7 +2,7 @@
 # The GPU check: on a machine whose python3 already has a CUDA build of torch and Triton (and nvcc),
 # with no package registry and no ruff. Writes everything into OUT_DIR (default runs/gpu_check).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [--phase tests|bench|all] [--dry-run]
+#   bash scripts/gpu_check.sh [OUT_DIR] [--phase tests|bench|train|all] [--dry-run]
 #
 # Phase "tests" (under 9 min on an H100): installs matnet in place with its CUDA kernels
 #   (pip --no-index --no-deps --no-build-isolation -e ., MATNET_WITH_CUDA=1), asserts that the extension
@@ -10,9 +10,13 @@
 #   which turns a skipped CUDA, Triton or extension test into a failure.
 # Phase "bench" (under 9 min): the CUDA benchmarks, as JSON (bench_cuda.json) and as the markdown
 #   tables of benchmarks/report.py (bench_cuda.md).
+# Phase "train" (not in "all"; needs MATNET_DATA_DIR with the datasets): `matnet train` images/s on CUDA,
+#   eager / compiled / CUDA graphs, fp32 / bf16, reference / fused ops (benchmarks/train_throughput.py), for
+#   each preset of TRAIN_PRESETS (default "mnist cifar10"; one preset per call keeps a call under 9 min):
+#   train_PRESET.md and .json.
 # --dry-run (CI, on a CPU machine): the same steps with CPU stand-ins (no CUDA build or asserts, test
-#   collection only, two CPU benchmarks in quick mode), so that the script cannot rot.
-# Environment: PYTHON (default python3).
+#   collection only, two CPU benchmarks in quick mode, one 3-step training run), so that the script cannot rot.
+# Environment: PYTHON (default python3), MATNET_DATA_DIR, TRAIN_PRESETS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/gpu_check
@@ -22,12 +26,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --phase) PHASE=${2:?--phase needs tests, bench or all}; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
     *) OUT=$1; shift ;;
   esac
 done
-case "$PHASE" in tests|bench|all) ;; *) echo "gpu_check.sh: --phase must be tests, bench or all" >&2; exit 2 ;; esac
+case "$PHASE" in tests|bench|train|all) ;; *) echo "gpu_check.sh: --phase must be tests, bench, train or all" >&2; exit 2 ;; esac
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -95,7 +99,30 @@ phase_bench() {
   log "wrote $OUT/bench_cuda.json and $OUT/bench_cuda.md"
 }
 
+phase_train() {
+  log "phase train"
+  if [ -z "${MATNET_DATA_DIR:-}" ]; then
+    [ "$DRY" = 1 ] && { log "phase train: no MATNET_DATA_DIR, skipped in the dry run"; return; }
+    echo "gpu_check.sh: phase train needs MATNET_DATA_DIR (the folder with the mnist and cifar-10 data)" >&2
+    exit 2
+  fi
+  if [ "$DRY" = 1 ]; then
+    "$PY" benchmarks/train_throughput.py --preset tiny --steps 3 --only 1 --threads 1 --device cpu \
+      > "$OUT/train_tiny.md" 2> "$OUT/train.log" || { tail -30 "$OUT/train.log"; exit 1; }
+    return
+  fi
+  for preset in ${TRAIN_PRESETS:-mnist cifar10}; do
+    local batch=$([ "$preset" = cifar10 ] && echo 256 || echo 0)  # 0: the preset's (100 for mnist)
+    "$PY" benchmarks/train_throughput.py --preset "$preset" --batch "$batch" --steps 30 --device cuda \
+      --json "$OUT/train_$preset.json" 2>&1 | tee "$OUT/train_$preset.md"
+  done
+}
+
 install
-[ "$PHASE" = bench ] || phase_tests
-[ "$PHASE" = tests ] || phase_bench
+case "$PHASE" in
+  tests) phase_tests ;;
+  bench) phase_bench ;;
+  train) phase_train ;;
+  all) phase_tests; phase_bench; if [ "$DRY" = 1 ]; then phase_train; fi ;;
+esac
 log "done: $OUT"

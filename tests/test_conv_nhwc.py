@@ -120,6 +120,18 @@ def test_packed_weights_are_cached_per_version():
     assert key not in RC._PACKED  # freed with the weight
 
 
+def test_packed_weights_are_not_cached_in_cuda_graph_capture(monkeypatch):
+    """A graph replays the packing kernels, not the version check: a cached pack would freeze the weights."""
+    w = torch.randn(6, 4, 3, 3)
+    cached = RC.packed(w)
+    monkeypatch.setattr(RC, "capturing", lambda t: True)
+    p = RC.packed(w)
+    assert p is not cached and torch.equal(p, RC.pack_weight(w)) and RC.packed(w) is not p
+    with torch.no_grad():
+        w.add_(1)
+    assert torch.equal(RC.packed(w, True), RC.pack_weight_t(w)) and RC._PACKED[(id(w), False)][2] is cached
+
+
 def test_autotune_key_holds_every_constexpr():
     """A config tuned for one epilogue must not be reused for another of the same shape."""
     params = inspect.signature(E._conv_nhwc_kernel.fn).parameters.values()

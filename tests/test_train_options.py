@@ -220,6 +220,44 @@ def test_compile_runs_the_training_step_through_torch_compile(tmp_path, fake_mni
     assert len(train) == 2 and all(np.isfinite(r["loss"]) for r in train)
 
 
+def test_compile_mode_with_cuda_graphs_keeps_every_micro_batch(tmp_path, fake_mnist, monkeypatch):
+    """reduce-overhead replays CUDA graphs, whose outputs the next call overwrites. Stand-in: a compiled function
+    that fills its previous outputs with NaN at each call. With 2 micro-batches the trainer reads the first's
+    outputs after the second ran, so the logged metrics are those of the eager run only if it copied them out."""
+    real, modes, marks = torch.compile, [], []
+
+    def graph_like_compile(fn, **kw):
+        modes.append(kw.get("mode"))
+        eager, last = real(fn, backend="eager"), []
+
+        def run(*a, **k):
+            with torch.no_grad():
+                for t in last:
+                    t.detach().fill_(float("nan"))
+            out = eager(*a, **k)
+            last[:] = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+            return out
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", graph_like_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    rows = {}
+    for name, kw in (("eager", {}), ("graphs", dict(compile=True, compile_mode="reduce-overhead"))):
+        Trainer(_tiny(), _quiet(tmp_path / name, fake_mnist, steps=2, grad_accum=2, **kw)).run()
+        rows[name] = [r for r in plots.read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
+    assert modes == ["reduce-overhead"] and len(marks) == 4  # one step begins per micro-batch
+    for got, want in zip(rows["graphs"], rows["eager"]):
+        assert got["skipped"] == 0
+        for key in ("loss", "nll_bound", "recon", "kl", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+
+
+def test_compile_mode_needs_compile(tmp_path, fake_mnist):
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
+        _quiet(tmp_path, fake_mnist, compile_mode="reduce-overhead")
+
+
 def test_compile_unavailable_is_one_clear_line(tmp_path, fake_mnist, monkeypatch, capsys):
     def broken(*a, **k):
         raise RuntimeError("Python 3.99 is not supported\nby torch.compile")
