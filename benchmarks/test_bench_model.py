@@ -1,6 +1,8 @@
 """Whole-model benchmarks: a training step (forward, backward, gradient clipping, Adam step) of
 FastMatNet vs MatNet vs torch.compile(MatNet); sampling throughput (model.sample(n), images/s) and
-IWAE evaluation throughput (model.iwae_nll(x, k), images x samples / s) of FastMatNet vs MatNet.
+IWAE evaluation throughput (model.iwae_nll(x, k), images x samples / s) of FastMatNet vs MatNet; the
+training data loader (images/s of BatchLoader: uint8 images held on the device, shuffled, flipped or binarized
+and converted there), which must outrun any training step.
 
 fp32 on CPU; on CUDA fp32 and bf16 (bf16: weights, optimizer state, activations and inputs all in
 bf16; the fast ops take inputs of one dtype, so autocast's mixed fp32 / bf16 arguments are not used).
@@ -36,6 +38,7 @@ from benchutil import (
 
 from matnet import FastMatNet, MatNet, MatNetConfig
 from matnet.cuda_graphs import graph_step
+from matnet.data import BatchLoader, ImageDataset
 
 MODEL_ROUNDS_ENV = "MATNET_BENCH_MODEL_ROUNDS"
 
@@ -259,3 +262,27 @@ def test_iwae(benchmark, impl, device, dtype, case):
     record(benchmark, op="iwae_nll", case=case, impl=impl, mode="fwd", dev=dev, dtype=dtype, batch=B,
            images=B * k, bytes_moved=None, flops=flops, quick=quick, preset=case["preset"], k=k)
     run_benchmark(benchmark, call, dev, warmup=1, rounds=model_rounds(dev))
+
+
+# ---- data loader ---------------------------------------------------------------------------------
+
+LOADER_CASES = [  # random uint8 images of the datasets' sizes, as the trainer's loader sees them
+    Case("mnist-b100", 100, dict(shape=(1, 28, 28), n=60000, binarize="dynamic", hflip=False), cpu=True),
+    Case("cifar10-b256", 256, dict(shape=(3, 32, 32), n=50000, binarize=None, hflip=True), cpu=True),
+    Case("cifar10-b1024", 1024, dict(shape=(3, 32, 32), n=50000, binarize=None, hflip=True)),
+]
+
+
+@pytest.mark.parametrize(("device", "dtype", "case"), device_params(LOADER_CASES))
+def test_loader(benchmark, device, dtype, case):
+    dev, dt = resolve(device, dtype)
+    if dt != torch.float32:
+        pytest.skip("the loader's batches are fp32")
+    quick = quick_mode(benchmark)
+    B = scaled_batch(case.batch, quick)
+    n = 4 * B if quick else case["n"]
+    images = torch.randint(0, 256, (n, *case["shape"]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    stream = BatchLoader(ImageDataset(images, binarize=case["binarize"]), B, device=dev, hflip=case["hflip"]).forever()
+    record(benchmark, op="loader", case=case, impl="fast", mode="batch", dev=dev, dtype=dtype, batch=B, images=B,
+           bytes_moved=B * images[0].numel() * 5, flops=None, quick=quick)  # uint8 read, fp32 written
+    run_benchmark(benchmark, lambda: next(stream), dev)
