@@ -1,7 +1,7 @@
 """A whole training step as one CUDA graph, for the small shapes (the "mnist" preset) where kernel launches, not
 arithmetic, bound the step: hundreds of launches become one replay.
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), capturable=True)
 
     def step(x):
         out = model(x)
@@ -16,8 +16,11 @@ arithmetic, bound the step: hundreds of launches become one replay.
 
 The step must keep its shapes, never synchronize with the host (no .item(), no data-dependent Python branch),
 and draw its noise on the GPU (torch's CUDA generator is graph-safe: every replay draws fresh noise); under
-autocast pass `cache_enabled=False`, or the replays reuse the weights' casts made at capture. The
-gradients live in the graph's memory: the step overwrites them, it does not accumulate. `matnet train` gets
+autocast pass `cache_enabled=False`, or the replays reuse the weights' casts made at capture. A float
+learning rate is frozen into the graph: to change it between replays, give the optimizer a tensor lr and
+fill it in place. The gradients live in the graph's memory: the step overwrites them, it does not
+accumulate. After each replay the parameters' version counters are bumped, so eager calls in between (an
+evaluation, sampling) repack the weights the replays changed instead of reusing packs cached earlier. `matnet train` gets
 graphs through `--compile --compile-mode reduce-overhead` instead, which keeps its host-side guards.
 """
 
@@ -35,11 +38,12 @@ def graph_step(step: Callable[..., Any], opt: torch.optim.Optimizer, *inputs: to
     lazily built optimizer state happen there, each a real training step). The returned function copies its
     arguments into the captured inputs, replays the graph and returns step's outputs, overwritten by the next
     call."""
-    if not all(g.get("capturable") or g.get("fused") for g in opt.param_groups):
-        raise ValueError("graph_step: build the optimizer with capturable=True (or fused=True), so that its step "
-                         "count and learning rate stay on the GPU")
+    if not all(g.get("capturable") for g in opt.param_groups):
+        raise ValueError("graph_step: build the optimizer with capturable=True, so that its step count stays on "
+                         "the GPU")
     if not all(t.is_cuda for t in inputs):
         raise ValueError("graph_step: CUDA graphs need CUDA inputs")
+    params = [p for g in opt.param_groups for p in g["params"]]
     static = [t.clone() for t in inputs]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -54,12 +58,14 @@ def graph_step(step: Callable[..., Any], opt: torch.optim.Optimizer, *inputs: to
         outputs = step(*static)
 
     def replay(*new: torch.Tensor) -> Any:
-        if len(new) != len(static) or any(a.shape != b.shape for a, b in zip(new, static)):
-            raise ValueError(f"graph_step: captured for inputs of shapes {[list(t.shape) for t in static]}, "
-                             f"got {[list(t.shape) for t in new]}")
+        if len(new) != len(static) or any(a.shape != b.shape or a.device != b.device for a, b in zip(new, static)):
+            raise ValueError(f"graph_step: captured for inputs {[(list(t.shape), str(t.device)) for t in static]}, "
+                             f"got {[(list(t.shape), str(t.device)) for t in new]}")
         for dst, src in zip(static, new):
             dst.copy_(src)
         graph.replay()
+        for p in params:  # the replay changed them in place behind autograd's back
+            torch.autograd.graph.increment_version(p)
         return outputs
 
     return replay

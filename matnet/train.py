@@ -881,6 +881,12 @@ class Trainer:
                         self.micro_noise.rows = None
                 loss = out.loss / n
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if k == 0 and n > 1 and self.opts.compile and COMPILE_MODES[self.opts.compile_mode]:
+                # the first backward handed over gradients in CUDA-graph memory, which the next micro-batch's
+                # replay reuses: the others accumulate into copies of their own
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad = p.grad.clone()
             outs.append(out)
         return outs
 

@@ -24,7 +24,7 @@ def _model(layout: str, noise: float | None) -> FastMatNet:
 
 
 def _stepper(model: FastMatNet, lr: float = 1e-3):
-    opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, capturable=True)  # the same Adam code in both runs
 
     def step(x):
         out = model(x)
@@ -44,19 +44,41 @@ def _batches(n: int, layout: str) -> list[torch.Tensor]:
             for _ in range(n)]
 
 
+@pytest.fixture
+def deterministic_cudnn(monkeypatch):
+    """The plain conv layers' weight gradients, the same in both runs."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+
+
+def _eval_loss(model: FastMatNet, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(x).loss.item()
+
+
 @needs_cuda
+@pytest.mark.usefixtures("deterministic_cudnn")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_graphed_steps_equal_eager_steps(layout):
     """3 warm-up steps on xs[0], then one replay per batch: the same updates as eager steps, loss by loss. A
-    replay that reused the weights packed at capture would drift from the eager run from its second replay."""
-    xs = _batches(6, layout)
+    replay that reused the weights packed at capture would drift from the eager run from its second replay;
+    an eager evaluation between replays that reused packs cached by an earlier one would see old weights."""
+    xs = _batches(7, layout)
     eager, graphed = _model(layout, 0.3), _model(layout, 0.3)
     step, _ = _stepper(eager)
-    want = [step(x).item() for x in [xs[0]] * 3 + xs[1:]]
+    want = [step(x).item() for x in [xs[0]] * 3 + xs[1:3]]
+    want_evals = [_eval_loss(eager, xs[0])]
+    want += [step(x).item() for x in xs[3:5]]
+    want_evals.append(_eval_loss(eager, xs[0]))
+    want += [step(x).item() for x in xs[5:]]
     gstep, gopt = _stepper(graphed)
     replay = graph_step(gstep, gopt, xs[0], warmup=3)
-    got = [replay(x).item() for x in xs[1:]]
+    got = [replay(x).item() for x in xs[1:3]]
+    got_evals = [_eval_loss(graphed, xs[0])]
+    got += [replay(x).item() for x in xs[3:5]]
+    got_evals.append(_eval_loss(graphed, xs[0]))
+    got += [replay(x).item() for x in xs[5:]]
     torch.testing.assert_close(got, want[3:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_evals, want_evals, rtol=1e-4, atol=1e-4)
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -74,7 +96,8 @@ def test_graphed_step_draws_fresh_noise():
 def test_graph_step_rejects_what_cannot_be_captured():
     model = torch.nn.Linear(2, 2)
     x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="capturable=True"):
-        graph_step(lambda x: model(x), torch.optim.Adam(model.parameters()), x)
+    for opt in (torch.optim.Adam(model.parameters()), torch.optim.Adam(model.parameters(), fused=True)):
+        with pytest.raises(ValueError, match="capturable=True"):  # fused alone fails the capture health check
+            graph_step(lambda x: model(x), opt, x)
     with pytest.raises(ValueError, match="CUDA graphs need CUDA inputs"):
         graph_step(lambda x: model(x), torch.optim.Adam(model.parameters(), capturable=True), x)

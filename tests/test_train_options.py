@@ -221,21 +221,25 @@ def test_compile_runs_the_training_step_through_torch_compile(tmp_path, fake_mni
 
 
 def test_compile_mode_with_cuda_graphs_keeps_every_micro_batch(tmp_path, fake_mnist, monkeypatch):
-    """reduce-overhead replays CUDA graphs, whose outputs the next call overwrites. Stand-in: a compiled function
-    that fills its previous outputs with NaN at each call. With 2 micro-batches the trainer reads the first's
-    outputs after the second ran, so the logged metrics are those of the eager run only if it copied them out."""
+    """reduce-overhead replays CUDA graphs: each call overwrites the memory of the last call's outputs and of the
+    gradients its backward handed over. Stand-in: a compiled function that fills those with NaN at each call.
+    With 2 micro-batches the trainer reads the first's outputs after the second ran, and the second's backward
+    adds to the first's gradients: the run equals the eager one only if the trainer copied both out."""
     real, modes, marks = torch.compile, [], []
 
     def graph_like_compile(fn, **kw):
         modes.append(kw.get("mode"))
-        eager, last = real(fn, backend="eager"), []
+        eager, graph_memory = real(fn, backend="eager"), []
+        for p in fn.__self__.model.parameters():  # gradients set by the backward, as a graph's backward hands them
+            p.register_post_accumulate_grad_hook(lambda p: graph_memory.append(p.grad))
 
         def run(*a, **k):
             with torch.no_grad():
-                for t in last:
-                    t.detach().fill_(float("nan"))
+                for t in graph_memory:
+                    t.fill_(float("nan"))
+            graph_memory.clear()
             out = eager(*a, **k)
-            last[:] = [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+            graph_memory.extend(v for v in vars(out).values() if isinstance(v, torch.Tensor))
             return out
 
         return run
