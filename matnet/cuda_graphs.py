@@ -20,8 +20,9 @@ autocast pass `cache_enabled=False`, or the replays reuse the weights' casts mad
 learning rate is frozen into the graph: to change it between replays, give the optimizer a tensor lr and
 fill it in place. The gradients live in the graph's memory: the step overwrites them, it does not
 accumulate. After each replay the parameters' version counters are bumped, so eager calls in between (an
-evaluation, sampling) repack the weights the replays changed instead of reusing packs cached earlier. `matnet train` gets
-graphs through `--compile --compile-mode reduce-overhead` instead, which keeps its host-side guards.
+evaluation, sampling) repack the weights the replays changed instead of reusing packs cached earlier.
+`matnet train` gets graphs through `--compile --compile-mode reduce-overhead` instead, which keeps its
+host-side guards.
 """
 
 from __future__ import annotations
