@@ -24,7 +24,7 @@ PHASE=all
 DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --phase) PHASE=${2:?--phase needs tests, bench or all}; shift 2 ;;
+    --phase) PHASE=${2:?--phase needs tests, bench, train or all}; shift 2 ;;
     --dry-run) DRY=1; shift ;;
     -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
