@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .utils import (
+    ACT_NONE,
     conv_epilogue,
     copy_back,
     device_ctx,
@@ -327,7 +328,7 @@ def launch_conv(
     bias: torch.Tensor | None = None,
     res: torch.Tensor | None = None,
     res_gate: torch.Tensor | None = None,
-    act: int = 0,
+    act: int = ACT_NONE,
     act_src: torch.Tensor | None = None,
     y2: torch.Tensor | None = None,
     slope: float = 0.0,

@@ -42,6 +42,9 @@ from matnet.ops._dispatch import layout
 
 from . import conv_nhwc
 from .utils import (
+    ACT_DLRELU,
+    ACT_LRELU,
+    ACT_NONE,
     conv_epilogue,
     copy_back,
     device_ctx,
@@ -51,10 +54,6 @@ from .utils import (
     stage_outputs,
     wgrad_split,
 )
-
-ACT_NONE = 0
-ACT_LRELU = 1  # epilogue applies lrelu
-ACT_DLRELU = 2  # epilogue multiplies by lrelu'(saved activation)
 
 
 @triton.jit

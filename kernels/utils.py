@@ -42,6 +42,12 @@ def dlrelu(v, slope):
     return tl.where(v > 0, 1.0, slope)
 
 
+# the epilogue's activation (conv_epilogue's ACT), one contract for both conv engines
+ACT_NONE = 0
+ACT_LRELU = 1  # epilogue applies lrelu
+ACT_DLRELU = 2  # epilogue multiplies by lrelu'(saved activation)
+
+
 @triton.jit
 def conv_epilogue(acc, bias_ptr, res_ptr, res_gate_ptr, act_ptr, y_off, y_mask, offs_n, n_mask, slope,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATE_RES: tl.constexpr, ACT: tl.constexpr):
