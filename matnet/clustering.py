@@ -11,6 +11,7 @@ Class ids are 0..C-1 with C = max(label) + 1; cluster ids are 0..K-1.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["cluster_accuracy", "match_clusters", "confusion", "cluster_report"]
+__all__ = ["cluster_accuracy", "match_clusters", "confusion", "cluster_report", "kmeans"]
 
 IntArray = np.ndarray | torch.Tensor | Sequence[int]
 
@@ -73,6 +74,44 @@ def cluster_accuracy(assign: IntArray, labels: IntArray, n_clusters: int | None 
     model's K, so that empty components still count when choosing the rule."""
     conf = confusion(assign, labels, n_clusters)
     return float(conf[np.arange(conf.shape[0]), _match(conf)].sum() / conf.sum())
+
+
+def _lloyd(z: torch.Tensor, k: int, g: torch.Generator, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One k-means++ start, then Lloyd's steps until no row moves; an emptied cluster keeps its centroid."""
+    c = z[torch.randint(len(z), (1,), generator=g)]
+    for _ in range(k - 1):  # each new centre drawn with probability ~ squared distance to the nearest one
+        d2 = torch.cdist(z, c).min(1).values.square()
+        pick = torch.multinomial(d2, 1, generator=g) if d2.sum() > 0 else torch.randint(len(z), (1,), generator=g)
+        c = torch.cat([c, z[pick]])
+    assign = torch.cdist(z, c).argmin(1)
+    for _ in range(iters):
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(c).index_add_(0, assign, z)
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
+        new = torch.cdist(z, c).argmin(1)
+        if torch.equal(new, assign):
+            break
+        assign = new
+    return c, assign
+
+
+@torch.no_grad()
+def kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10,
+           iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means of the rows of z [N, D]: the best (least within-cluster sum of squares) of `restarts` k-means++
+    starts, in fp64 on the CPU so that every process gets the same answer. Returns (centroids [k, D],
+    assignments [N] int64), both on the CPU."""
+    if not 1 <= k <= len(z):
+        raise ValueError(f"k-means needs 1 <= k <= {len(z)} rows, got k={k}")
+    z = z.detach().to("cpu", torch.float64).reshape(len(z), -1)
+    g = torch.Generator().manual_seed(seed)
+    best, best_ss = None, math.inf
+    for _ in range(restarts):
+        c, assign = _lloyd(z, k, g, iters)
+        ss = float((z - c[assign]).square().sum())
+        if ss < best_ss:
+            best, best_ss = (c, assign), ss
+    return best
 
 
 @torch.no_grad()

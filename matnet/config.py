@@ -114,6 +114,8 @@ class MatNetConfig:
     prior: str = "normal"  # p(z0): "normal" (N(0, I)) or "gmm" (K learned Gaussians, uniform weights)
     prior_components: int = 50  # K of the "gmm" prior (the original used 50 on Omniglot)
     prior_entropy_weight: float = 0.0  # loss += this x mean entropy of q's component posteriors (original: 0.4)
+    prior_refit_step: int = 0  # at this training step the components move to k-means clusters of q(z0 | x)'s
+    #   means on training images (not in the paper; revives components Eq. 12 never reaches); 0: never
     infer_reg_weight: float = 0.0  # lambda of Eq. 13 on samples x ~ p(x), inference parameters only; 0 disables
     infer_reg_start: int = 0  # first training step at which Eq. 13 is applied
 
@@ -250,8 +252,11 @@ def validate_extensions(cfg: MatNetConfig) -> None:
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-    if cfg.prior_entropy_weight and cfg.prior != "gmm":
-        raise ValueError("prior_entropy_weight needs the mixture prior (prior='gmm')")
+    for name in ("prior_entropy_weight", "prior_refit_step"):
+        if getattr(cfg, name) and cfg.prior != "gmm":
+            raise ValueError(f"{name} needs the mixture prior (prior='gmm')")
+    if cfg.prior_refit_step < 0:
+        raise ValueError(f"prior_refit_step must be >= 0, got {cfg.prior_refit_step}")
     if cfg.infer_reg_start < 0:
         raise ValueError(f"infer_reg_start must be >= 0, got {cfg.infer_reg_start}")
 

@@ -157,6 +157,17 @@ def average_(tensors: Sequence[torch.Tensor]) -> None:
         t.copy_(v.view(t.shape))
 
 
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite each tensor with rank src's, in one collective (results that need not be bitwise equal across
+    ranks, e.g. from nondeterministic kernels, made so)."""
+    if world() == 1 or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(_collective_device())
+    dist.broadcast(flat, src)
+    for t, v in zip(tensors, flat.to(tensors[0].device).split([t.numel() for t in tensors])):
+        t.copy_(v.view(t.shape))
+
+
 class RanksDisagree(RuntimeError):
     """The ranks hold different states where they must hold the same (a fault, or --out not shared by all nodes)."""
 

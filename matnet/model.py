@@ -299,14 +299,18 @@ class MatNet(UsesOps, nn.Module):
         return (math.log(k) - total).to(x.dtype)
 
     @torch.no_grad()
+    def z0_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z0 | x)'s mean and log-variance, [B, nz0] each."""
+        self.check_input(x)
+        return scale_latent(self.latent_scale, *self.top.encode(self.bottom_up(x)[0][0]))
+
+    @torch.no_grad()
     def cluster(self, x: torch.Tensor) -> torch.Tensor:
         """[B] int64: the mixture component of z0 for each image (Fig. 3), the argmax of the components'
         responsibilities p(k | z0) at the posterior mean z0 = E_q[z0 | x]. Needs cfg.prior == "gmm"."""
         if self.z0_prior is None:
             raise ValueError("cluster needs a mixture prior on z0 (cfg.prior='gmm')")
-        self.check_input(x)
-        mu0, _ = scale_latent(self.latent_scale, *self.top.encode(self.bottom_up(x)[0][0]))
-        return self.z0_prior.component_log_prob(mu0).argmax(1)
+        return self.z0_prior.component_log_prob(self.z0_posterior(x)[0]).argmax(1)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, mean: bool = False) -> torch.Tensor:

@@ -199,6 +199,27 @@ class MixturePrior(nn.Module):
         lp = self.component_log_prob(z)
         return torch.logsumexp(lp, 1) - math.log(lp.shape[1])
 
+    @torch.no_grad()
+    def refit_(self, mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Place the components where q puts z0 (not in the paper; VaDE initialises its mixture the same way):
+        the means become the k-means centroids of the posterior means mu [N, nz0], the variances those of each
+        cluster's aggregate posterior, var(mu) + mean(exp(logvar)) over its members. Eq. 12 gives a component
+        far from every posterior no gradient, so most components drawn from N(0, I) never move; a refit after
+        some training revives them. A component whose cluster has fewer than two members keeps its values.
+        Returns the cluster sizes [K] (CPU int64)."""
+        from .clustering import kmeans
+
+        centres, assign = kmeans(mu, self.means.shape[0], seed)
+        mu, var = mu.detach().cpu().double(), logvar.detach().cpu().double().exp()
+        counts = torch.bincount(assign, minlength=len(centres))
+        n = counts.clamp(min=1)[:, None].double()
+        spread = torch.zeros_like(centres).index_add_(0, assign, (mu - centres[assign]).square()) / n
+        mean_var = torch.zeros_like(centres).index_add_(0, assign, var) / n
+        ok = (counts >= 2)[:, None].to(self.means.device)
+        self.means.copy_(torch.where(ok, centres.to(self.means), self.means))
+        self.logvars.copy_(torch.where(ok, (spread + mean_var).log().to(self.logvars), self.logvars))
+        return counts
+
     def sample(self, eps: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """z0 ~ p(z0) from N(0, I) noise eps [n, nz0]: a uniform component per row, then its Gaussian."""
         k = torch.randint(self.means.shape[0], (eps.shape[0],), device=eps.device)

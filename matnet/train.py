@@ -65,6 +65,8 @@ AUGMENT = ("auto", "hflip", "none")
 # torch.compile modes; those that replay CUDA graphs overwrite a call's outputs at the next call of the graph
 COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
 PROGRESS_INTERVAL_NOT_TTY = 5.0  # seconds between progress-bar refreshes into a log file
+PRIOR_REFIT_IMAGES = 10_000  # training images whose q(z0 | x) cfg.prior_refit_step clusters
+PRIOR_REFIT_SEED = 7_919  # offset of its own generators from --seed
 # test hook, read by Trainer._poison_grads_for_tests only: "R:S" makes rank R's gradients NaN at step S, "R:S-"
 # from step S on (comma-separated specs add up); the multi-process tests use it to check that every rank skips
 POISON_ENV = "MATNET_TEST_POISON_RANK_STEP"
@@ -735,6 +737,8 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimizer step on the global batch x, as --grad-accum micro-batches."""
         cfg, o = self.cfg, self.opts
+        if self.step == cfg.prior_refit_step > 0:  # a checkpoint at this step predates the refit: resume repeats it
+            self.refit_prior()
         kl_w = min(1.0, (self.step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps else 1.0
         lr = apply_schedule(self.opt, self.step, self.total, self.base_lr, cfg, o.warmup_steps)  # lr and beta1
         self.opt.zero_grad(set_to_none=True)
@@ -829,6 +833,30 @@ class Trainer:
         for p, g in got:
             p.grad = g if p.grad is None else p.grad.add_(g)
         return reg.item()
+
+    @torch.no_grad()
+    def refit_prior(self) -> None:
+        """cfg.prior_refit_step: move the mixture's components to k-means clusters of q(z0 | x)'s means on the
+        first PRIOR_REFIT_IMAGES training images (MixturePrior.refit_), in the weights and their EMA copy. Its
+        draws (binarization, k-means) come from generators of their own: the run's other streams are untouched,
+        so resuming at this step repeats it exactly. With several ranks, rank 0's result is everyone's."""
+        data = self.loader.dataset
+        gen = torch.Generator(self.device).manual_seed(self.opts.seed + PRIOR_REFIT_SEED)
+        x = data.to_float(self.loader.images[:PRIOR_REFIT_IMAGES], gen).to(next(self.model.parameters()).dtype)
+        parts = [self.model.z0_posterior(x[i:i + self.cfg.batch_size])
+                 for i in range(0, len(x), self.cfg.batch_size)]
+        mu, logvar = torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
+        if not (torch.isfinite(mu).all() and torch.isfinite(logvar).all()):
+            raise TrainingDiverged(f"training stopped at step {self.step}: q(z0 | x) is non-finite on training "
+                                   f"images, so the mixture prior cannot be refit; {self._kept()}")
+        prior = self.model.z0_prior
+        counts = prior.refit_(mu, logvar, self.opts.seed + PRIOR_REFIT_SEED)
+        distributed.broadcast_([prior.means, prior.logvars])
+        if self.ema is not None:
+            self.ema.z0_prior.load_state_dict(prior.state_dict())
+        if self.is_main:
+            tqdm.write(f"step {self.step}: mixture prior refit to k-means of q(z0|x) on {len(x)} training images; "
+                       f"cluster sizes {sorted(counts.tolist(), reverse=True)}")
 
     @contextlib.contextmanager
     def _sample_rows(self, rows: Rows | None) -> Iterator[None]:

@@ -129,10 +129,10 @@ def _assert_same_run(a, b):
     assert losses[0] == losses[1] and len(losses[0]) == STEPS
 
 
-def _params_after(out, data, steps, dtype, **opts):
+def _params_after(out, data, steps, dtype, cfg_kw=None, **opts):
     """One process: the parameters after `steps` updates of `two_process_run`'s command without --grad-accum
-    (other options: `opts`), in `dtype`."""
-    cfg = _tiny(**SMOOTH_ADAM)
+    (other options: `opts`, other config values: `cfg_kw`), in `dtype`."""
+    cfg = _tiny(**SMOOTH_ADAM, **(cfg_kw or {}))
     tr = Trainer(cfg, _opts(out, data, steps=steps, **{"val_size": 101, **opts}, eval_every=0, ckpt_every=0,
                             log_every=0))
     tr.model.to(dtype)  # before the first step: Adam has no state yet
@@ -232,6 +232,23 @@ def test_inpainting_in_fp16_on_two_processes_matches_one(tmp_path, fake_mnist):
     truth = _params_after(tmp_path / "truth", fake_mnist, 3, torch.float64, **task)
     got = {n: st["model"][n] for n in truth}
     assert_all_within_ref_error("inpainting, fp16, 2 processes", got, one, truth)
+
+
+def test_mixture_prior_refit_on_two_processes_matches_one(tmp_path, fake_mnist):
+    """A mixture prior refit to k-means clusters at step 1 (rank 0's result broadcast): the parameters after 3
+    steps on 2 processes are within twice one process's own fp32 error of the fp64 truth."""
+    gmm = dict(prior="gmm", prior_components=3, prior_refit_step=1)
+    out = tmp_path / "two"
+    rc, said, err = _run2(_train_args(fake_mnist, out, "--steps", "3", "--lr", str(SMOOTH_ADAM["lr"]),
+                                      "--set", f"adam_eps={SMOOTH_ADAM['adam_eps']}", "--set", "prior=\"gmm\"",
+                                      "--set", "prior_components=3", "--set", "prior_refit_step=1"))
+    assert rc == 0, err[-3000:]
+    assert said.count("step 1: mixture prior refit") == 1  # rank 0 alone reports it
+    st = load_checkpoint(out / "checkpoint.pt")
+    one = _params_after(tmp_path / "one", fake_mnist, 3, torch.float32, cfg_kw=gmm, val_size=40)
+    truth = _params_after(tmp_path / "truth", fake_mnist, 3, torch.float64, cfg_kw=gmm, val_size=40)
+    got = {n: st["model"][n] for n in truth}
+    assert_all_within_ref_error("mixture prior refit, 2 processes", got, one, truth)
 
 
 def test_distributed_evaluation_equals_one_process(tmp_path, fake_mnist, two_process_run):

@@ -1,6 +1,6 @@
 """The mixture prior on z0 (paper section 2.3): Eq. 12 against its definition and against Monte Carlo, the exact
-mixture density in the importance weights, the K = 1 reduction to N(0, I), clustering, the entropy penalty and
-the fast twin."""
+mixture density in the importance weights, the K = 1 reduction to N(0, I), clustering, the entropy penalty, the
+k-means refit of the components and the fast twin."""
 
 import math
 
@@ -10,7 +10,7 @@ from helpers import assert_all_within_ref_error, random_data
 from torch import distributions as D
 
 import matnet
-from matnet.clustering import cluster_report
+from matnet.clustering import cluster_accuracy, cluster_report, kmeans
 from matnet.modules import MixturePrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only spin against each other
@@ -194,8 +194,84 @@ def test_sample_draws_from_the_mixture():
     assert s.shape == (3, 1, 28, 28) and set(s.unique().tolist()) <= {0.0, 1.0}
 
 
+# ---- the k-means refit (prior_refit_step) -------------------------------------------------------------------
+def _blobs(sizes, d=5, spread=0.1, seed=0):
+    """Gaussian blobs of the given sizes around centres 10 apart (blob i at 10 * e_i): rows [N, d], labels [N]."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 10.0 * torch.eye(len(sizes), d, dtype=torch.float64)
+    labels = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    return centres[labels] + spread * torch.randn(len(labels), d, generator=g, dtype=torch.float64), labels
+
+
+def test_kmeans_recovers_separated_blobs_and_is_seeded():
+    z, labels = _blobs([30, 20, 25, 5])
+    centres, assign = kmeans(z.float(), 4, seed=3)
+    assert assign.dtype == torch.int64 and centres.dtype == torch.float64 and centres.shape == (4, 5)
+    assert cluster_accuracy(assign, labels, 4) == 1.0
+    for k in range(4):  # a fixed point of Lloyd's step: each centre is its members' mean
+        assert torch.allclose(centres[k], z[assign == k].mean(0), atol=1e-6)
+    again, assign2 = kmeans(z.float(), 4, seed=3)
+    assert torch.equal(centres, again) and torch.equal(assign, assign2)
+    with pytest.raises(ValueError, match="1 <= k <= 3"):
+        kmeans(z[:3], 4)
+
+
+def test_refit_moves_components_onto_the_posteriors():
+    """Means = the clusters' centroids, variances = var(mu) + mean(exp(logvar)) of each cluster (its aggregate
+    posterior); a component whose cluster is a single outlier keeps its values."""
+    mu, labels = _blobs([40, 30, 1], d=4, spread=0.5)
+    logvar = -1.0 + 0.3 * torch.randn(mu.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    p = _prior(3, 4)
+    before = {n: v.detach().clone() for n, v in p.named_parameters()}
+    counts = p.refit_(mu, logvar, seed=0)
+    assert sorted(counts.tolist()) == [1, 30, 40]
+    comp = p.component_log_prob(mu).argmax(1)  # each blob's points are nearest to one component
+    assert cluster_accuracy(comp[labels < 2], labels[labels < 2]) == 1.0
+    for blob in range(2):
+        k, rows = int(comp[labels == blob][0]), labels == blob
+        want_var = mu[rows].var(0, unbiased=False) + logvar[rows].exp().mean(0)
+        assert torch.allclose(p.means[k], mu[rows].mean(0)) and torch.allclose(p.logvars[k], want_var.log())
+    lone = ({0, 1, 2} - {int(comp[labels == b][0]) for b in range(2)}).pop()
+    assert torch.equal(p.means[lone], before["means"][lone]) and torch.equal(p.logvars[lone], before["logvars"][lone])
+
+
+def test_trainer_refits_at_its_step_in_weights_and_ema_and_resumes_exactly(tmp_path):
+    """prior_refit_step=2: the step-2 checkpoint predates the refit, so a run stopped there and resumed ends with
+    the straight run's weights; the refit leaves every component at the mean of the posterior means it wins
+    (k-means' fixed point) and the EMA copy of the prior equal to the weights'."""
+    from test_train import _opts, _tiny, make_fake_mnist
+
+    from matnet.train import Trainer
+
+    (tmp_path / "mnist").mkdir()
+    data = make_fake_mnist(tmp_path / "mnist")
+    cfg = _tiny(prior="gmm", prior_components=3, prior_refit_step=2, ema_rate=0.9)
+    straight = Trainer(cfg, _opts(tmp_path / "a", data, steps=4, eval_every=0))
+    straight.run()
+    first = Trainer(cfg, _opts(tmp_path / "b", data, steps=4, eval_every=0))
+    first.run(until=2)
+    resumed = Trainer(cfg, _opts(tmp_path / "b", data, steps=4, eval_every=0))
+    assert resumed.step == 2
+    resumed.refit_prior()
+    prior = resumed.model.z0_prior
+    for net in (resumed.model, resumed.ema):
+        assert torch.equal(net.z0_prior.means, prior.means) and torch.equal(net.z0_prior.logvars, prior.logvars)
+    x = resumed.loader.dataset.to_float(resumed.loader.images, torch.Generator().manual_seed(0))
+    mu = resumed.model.z0_posterior(x)[0].double()
+    near = torch.cdist(mu, prior.means.double()).argmin(1)
+    for k in near.unique():
+        assert torch.allclose(prior.means[k].double(), mu[near == k].mean(0), atol=0.05)
+    resumed.close()
+    resumed = Trainer(cfg, _opts(tmp_path / "b", data, steps=4, eval_every=0))
+    resumed.run()
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(prior="vamp"), "prior must be"),
+    (dict(prior_refit_step=5), "prior_refit_step needs the mixture prior"),
+    (dict(prior="gmm", prior_refit_step=-1), "prior_refit_step must be"),
     (dict(prior="gmm", prior_components=0), "prior_components"),
     (dict(prior_entropy_weight=0.4), "needs the mixture prior"),
     (dict(prior="gmm", prior_entropy_weight=-1.0), "prior_entropy_weight"),
