@@ -268,6 +268,20 @@ def test_trainer_refits_at_its_step_in_weights_and_ema_and_resumes_exactly(tmp_p
         assert torch.equal(a, b), k
 
 
+def test_refit_of_a_diverged_model_stops_training(tmp_path, monkeypatch):
+    from test_train import _opts, _tiny, make_fake_mnist
+
+    from matnet.train import Trainer, TrainingDiverged
+
+    (tmp_path / "mnist").mkdir()
+    tr = Trainer(_tiny(prior="gmm", prior_components=3, prior_refit_step=1),
+                 _opts(tmp_path / "run", make_fake_mnist(tmp_path / "mnist"), steps=2, eval_every=0, ckpt_every=1))
+    nan = lambda x: (torch.full((len(x), 4), float("nan")),) * 2  # noqa: E731
+    monkeypatch.setattr(tr.model, "z0_posterior", nan)
+    with pytest.raises(TrainingDiverged, match="step 1: q\\(z0 \\| x\\) is non-finite.*step 1\\) is kept"):
+        tr.run()
+
+
 @pytest.mark.parametrize("kw, msg", [
     (dict(prior="vamp"), "prior must be"),
     (dict(prior_refit_step=5), "prior_refit_step needs the mixture prior"),
