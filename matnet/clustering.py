@@ -104,6 +104,8 @@ def kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10,
     if not 1 <= k <= len(z):
         raise ValueError(f"k-means needs 1 <= k <= {len(z)} rows, got k={k}")
     z = z.detach().to("cpu", torch.float64).reshape(len(z), -1)
+    if not torch.isfinite(z).all():
+        raise ValueError("k-means needs finite rows")
     g = torch.Generator().manual_seed(seed)
     best, best_ss = None, math.inf
     for _ in range(restarts):

@@ -214,6 +214,8 @@ def test_kmeans_recovers_separated_blobs_and_is_seeded():
     assert torch.equal(centres, again) and torch.equal(assign, assign2)
     with pytest.raises(ValueError, match="1 <= k <= 3"):
         kmeans(z[:3], 4)
+    with pytest.raises(ValueError, match="finite"):
+        kmeans(torch.tensor([[0.0], [float("nan")]]), 1)
 
 
 def test_refit_moves_components_onto_the_posteriors():
