@@ -310,7 +310,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
         return stage, h, x_fill
 
     # ---- public API ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, kl_weight: float = 1.0,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, kl_weight: float | torch.Tensor = 1.0,
                 return_log_weight: bool = False) -> MatNetOutput:
         self.check_input(x)
         m = self.check_mask(mask, x)
@@ -318,8 +318,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
         recon, aux = self._infer(x, m, trace)
         kl = torch.stack(trace.kl, dim=1)
         nll_bound = recon + kl.sum(1)  # Eq. 6
-        loss = recon + kl_weight * kl.sum(1) if kl_weight != 1.0 else nll_bound
-        loss = (loss + self.cfg.stage_recon_weight * aux).mean()  # aux: 0 for one stage
+        loss = (recon + kl_weight * kl.sum(1) + self.cfg.stage_recon_weight * aux).mean()  # aux: 0 for one stage
         log_w = -(recon + trace.log_ratio) if return_log_weight else None
         return MatNetOutput(loss, nll_bound, recon, kl, log_w)
 

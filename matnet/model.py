@@ -249,14 +249,15 @@ class MatNet(UsesOps, nn.Module):
         return clip_logits(self.cfg, params)
 
     # ---- public API -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, kl_weight: float = 1.0, return_log_weight: bool = False) -> MatNetOutput:
+    def forward(self, x: torch.Tensor, kl_weight: float | torch.Tensor = 1.0,
+                return_log_weight: bool = False) -> MatNetOutput:
         self.check_input(x)
         trace = _Trace(return_log_weight)
         h = self.top_down(self.bottom_up(x), trace)
         recon = self.dist.nll(x, self.output_params(h, x))
         kl = torch.stack(trace.kl, dim=1)
         nll_bound = recon + kl.sum(1)
-        loss = (recon + kl_weight * kl.sum(1)).mean() if kl_weight != 1.0 else nll_bound.mean()
+        loss = (recon + kl_weight * kl.sum(1)).mean()  # no branch on the weight: compiled graphs keep one shape
         if self.cfg.prior_entropy_weight and trace.log_resp is not None:  # sec. 3: sharpen q's component posteriors
             entropy = -(trace.log_resp.exp() * trace.log_resp).sum(1)
             loss = loss + self.cfg.prior_entropy_weight * entropy.mean()

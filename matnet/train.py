@@ -624,7 +624,7 @@ class Trainer:
         # MatNet keeps its feature maps in the layout of its conv weights (MatNet.feature_layout)
         return model.to(memory_format=torch.channels_last) if opts.channels_last else model
 
-    def _forward(self, *inputs: torch.Tensor, kl_weight: float) -> Any:
+    def _forward(self, *inputs: torch.Tensor, kl_weight: float | torch.Tensor) -> Any:
         return self.net(*inputs, kl_weight=kl_weight)
 
     def _compiled_forward(self) -> Callable[..., Any]:
@@ -638,6 +638,9 @@ class Trainer:
         first = [True]
 
         def call(*inputs: torch.Tensor, kl_weight: float) -> Any:
+            # the KL warm-up's weight as a device tensor: a Python float would recompile when it first changes
+            # and then enter the graph as a host scalar
+            kl_weight = torch.full((), kl_weight, device=inputs[0].device)
             if not COMPILE_MODES[mode]:
                 return compiled(*inputs, kl_weight=kl_weight)
             # CUDA graphs: each call is a new step, and its outputs are copied out of the graph's memory, which

@@ -220,6 +220,26 @@ def test_compile_runs_the_training_step_through_torch_compile(tmp_path, fake_mni
     assert len(train) == 2 and all(np.isfinite(r["loss"]) for r in train)
 
 
+def test_compile_traces_one_graph_through_the_kl_warm_up(tmp_path, fake_mnist, monkeypatch):
+    """The warm-up changes the KL weight every step: the compiled step must take it as an input, not recompile
+    (dynamo's recompile limit would then drop to eager) or bake a stale value into the graph."""
+    real, graphs = torch.compile, []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend=counting_backend))
+    rows = {}
+    for name, kw in (("eager", {}), ("compiled", dict(compile=True))):
+        Trainer(_tiny(kl_warmup_steps=4), _quiet(tmp_path / name, fake_mnist, steps=6, **kw)).run()
+        rows[name] = [r for r in plots.read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
+    assert len(graphs) == 1
+    assert [r["kl_weight"] for r in rows["compiled"]] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    for got, want in zip(rows["compiled"], rows["eager"]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
 def test_compile_mode_with_cuda_graphs_keeps_every_micro_batch(tmp_path, fake_mnist, monkeypatch):
     """reduce-overhead replays CUDA graphs: each call overwrites the memory of the last call's outputs and of the
     gradients its backward handed over. Stand-in: a compiled function that fills those with NaN at each call.
