@@ -47,8 +47,9 @@ CUDA_SETTINGS: list[tuple[str, list[str], int]] = [
 ]
 
 
-def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) -> float:
-    """images/s of one `matnet train` run: the median of its metrics rows after the first."""
+def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) -> tuple[float, str]:
+    """images/s of one `matnet train` run (the median of its metrics rows after the first), and why
+    torch.compile did not replay CUDA graphs where it was asked to ("" if it did, or was not asked)."""
     threads = max(1, a.threads // procs)
     train = ["train", "--preset", a.preset, "--steps", str(a.steps), "--log-every", "2", "--eval-every", "0",
              "--ckpt-every", "0", "--no-resume", "--no-progress", "--threads", str(threads), "--out", str(out),
@@ -57,7 +58,8 @@ def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) 
              *flags]
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
               if procs > 1 else [sys.executable])
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    graphs = "reduce-overhead" in flags
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **({"TORCH_LOGS": "perf_hints"} if graphs else {})}
     r = subprocess.run([*launch, "-m", "matnet", *train], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"matnet train {' '.join(flags)} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
@@ -65,7 +67,9 @@ def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) 
     speeds = [row["images_per_s"] for row in rows if row.get("split") == "train"][1:]
     if not speeds:
         raise SystemExit(f"no timed metrics rows: raise --steps above 2 (got {a.steps})")
-    return statistics.median(speeds)
+    skips = sorted({line.split("skipping cudagraphs", 1)[1].strip() for line in r.stderr.splitlines()
+                    if graphs and "skipping cudagraphs" in line})
+    return statistics.median(speeds), "; ".join(skips)[:300]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,18 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     settings = CUDA_SETTINGS if a.device == "cuda" else SETTINGS
     chosen = [settings[int(i) - 1] for i in a.only.split(",")] if a.only else settings
     best: dict[str, float] = {}
+    no_graphs: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for i, (name, flags, procs) in enumerate(chosen):
-                ips = run_setting(flags, procs, a, Path(tmp) / f"run{r}_{i}")
+                ips, skipped = run_setting(flags, procs, a, Path(tmp) / f"run{r}_{i}")
                 best[name] = max(best.get(name, 0.0), ips)
                 print(f"round {r + 1}: {name:58s} {ips:8.1f} images/s", file=sys.stderr, flush=True)
+                if skipped:
+                    no_graphs[name] = skipped
     base = best[chosen[0][0]]
     print(f"\n{a.preset}, global batch {a.batch or 'of the preset'}, {a.device}, {a.threads} threads, "
           f"best of {a.rounds}")
     print(f"| setting | images/s | vs {chosen[0][0]} |\n|---|---:|---:|")
     for name in best:
         print(f"| {name} | {best[name]:.1f} | {best[name] / base:.2f}x |")
+    for name, why in no_graphs.items():
+        print(f"\n{name}: torch.compile replayed no CUDA graphs: skipping cudagraphs {why}")
     if a.json:
         Path(a.json).write_text(json.dumps(best, indent=2))
     return 0

@@ -1,0 +1,46 @@
+"""train_throughput.py says when torch.compile was asked for CUDA graphs but replayed none: a "CUDA graphs" row
+that ran without them would otherwise look like a measurement of them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_throughput as tt  # noqa: E402
+
+HINT = "V1125 perf_hints] skipping cudagraphs due to cpu device (arg2_1). Found from :"
+
+
+def _fake_run(stderr_for_graphs: str):
+    envs = []
+
+    def run(cmd, env, **kw):
+        envs.append(env)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        rows = [{"split": "train", "step": s, "images_per_s": 100.0 * s} for s in (1, 2, 3)]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        graphs = "reduce-overhead" in cmd
+        return subprocess.CompletedProcess(cmd, 0, "", stderr_for_graphs if graphs else HINT)
+
+    return run, envs
+
+
+def test_cuda_graph_skips_are_reported_for_graph_settings_only(monkeypatch, capsys):
+    run, envs = _fake_run(f"warming up\n{HINT}\n{HINT}\n")
+    monkeypatch.setattr(tt.subprocess, "run", run)
+    assert tt.main(["--device", "cuda", "--only", "3,4", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    graphs, compiled = tt.CUDA_SETTINGS[3][0], tt.CUDA_SETTINGS[2][0]
+    assert f"{graphs}: torch.compile replayed no CUDA graphs: skipping cudagraphs due to cpu device" in out
+    assert f"{compiled}: torch.compile replayed no" not in out  # not asked for graphs: its stderr is not read
+    assert [e.get("TORCH_LOGS") for e in envs] == [None, "perf_hints"]
+    assert f"| {graphs} | 250.0 |" in out  # the median of the rows after the first
+
+
+def test_no_note_when_the_graphs_ran(monkeypatch, capsys):
+    run, _ = _fake_run("warming up\n")
+    monkeypatch.setattr(tt.subprocess, "run", run)
+    assert tt.main(["--device", "cuda", "--only", "4", "--steps", "3"]) == 0
+    assert "replayed no CUDA graphs" not in capsys.readouterr().out
