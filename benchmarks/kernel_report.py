@@ -13,8 +13,10 @@ registers per thread, spilled bytes (ptxas), shared memory, and whether the code
 (wgmma on sm_90, mma before) and asynchronous copies (cp.async, TMA).
 
 Exits 1 when a kernel spills, needs more shared memory than the architecture has, or when a bf16/fp16
-convolution does not use the tensor-core MMA of the architecture. Integer arguments are compiled
-without the divisibility hints the runtime may add, so registers can differ slightly from a launch.
+convolution does not use the tensor-core MMA of the architecture. Arguments are specialised as Triton's
+launcher specialises them (pointers and integers divisible by 16 get the divisibility hint, integers equal to
+1 become constants), with the meta tensors' offsets standing for the alignment of real allocations: a hint
+decides whether loads are vectorised and whether they can become cp.async copies.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ import torch  # noqa: E402
 
 SHARED_LIMIT = {90: 232_448, 80: 166_912, 89: 101_376}  # bytes per block (opt-in maximum)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TL_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-            torch.int32: "i32", torch.int64: "i64"}
 PRESET_BATCH = {"mnist": 100, "omniglot": 100, "cifar10": 64}
 
 
@@ -48,10 +48,11 @@ class Launch:
     num_warps: int
     num_stages: int | None
     where: str  # the op and preset that launch it first
+    aligned: list  # the arguments the launcher marks divisible by 16
 
     def key(self) -> str:
-        return json.dumps([self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages],
-                          sort_keys=True, default=str)
+        return json.dumps([self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages,
+                           self.aligned], sort_keys=True, default=str)
 
 
 @dataclass
@@ -133,21 +134,25 @@ def autotuned_kernels() -> list:
     return [CN._conv_nhwc_tuned]
 
 
-def _arg_type(a) -> str | None:
-    """Triton's signature type of a launch argument (None: a constexpr or an unknown kind)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+def specialize(k, args) -> tuple[dict, dict, list]:
+    """(signature, constants, arguments divisible by 16) of a launch of kernel k, as Triton's launcher
+    specialises its arguments for a CUDA device."""
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
 
-    if isinstance(a, torch.Tensor):
-        return "*" + TL_NAMES[a.dtype]
-    if isinstance(a, TensorDescriptor):
-        return f"tensordesc<{TL_NAMES[a.base.dtype]}[{','.join(str(n) for n in a.block_shape)}]>"
-    if isinstance(a, bool):
-        return "i1"
-    if isinstance(a, int):
-        return "i64" if abs(a) >= 2**31 else "i32"
-    if isinstance(a, float):
-        return "fp32"
-    return None
+    sig, consts, aligned = {}, {}, []
+    for kp, a in zip(k.params, args):
+        if kp.is_constexpr:
+            continue
+        ty, attr = native_specialize_impl(CUDABackend, a, kp.is_const, not kp.do_not_specialize,
+                                          not kp.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            consts[kp.name] = attr
+            continue
+        sig[kp.name] = ty
+        if attr == "D":
+            aligned.append(kp.name)
+    return sig, consts, aligned
 
 
 @contextlib.contextmanager
@@ -160,9 +165,9 @@ def capturing(sink: dict, where: dict):
     originals = {k: k.run for k in kernels + tuned}
 
     def record(k, args, kw):
-        sig = {name: t for name, a in zip(k.arg_names, args) if (t := _arg_type(a)) is not None}
-        consts = {n: v for n, v in kw.items() if n in k.arg_names}
-        launch = Launch(k.__name__, sig, consts, kw.get("num_warps", 4), kw.get("num_stages"), where["op"])
+        sig, consts, aligned = specialize(k, args)
+        consts.update({n: v for n, v in kw.items() if n in k.arg_names})
+        launch = Launch(k.__name__, sig, consts, kw.get("num_warps", 4), kw.get("num_stages"), where["op"], aligned)
         sink.setdefault(launch.key(), launch)
 
     def make_run(k):
@@ -231,8 +236,9 @@ def compile_launch(launch: Launch, kernels: dict, arch: int):
     opts = {"num_warps": launch.num_warps}
     if launch.num_stages is not None:
         opts["num_stages"] = launch.num_stages
-    return triton.compile(ASTSource(fn, sig, constexprs=launch.constexprs), target=GPUTarget("cuda", arch, 32),
-                          options=opts)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in launch.aligned}
+    return triton.compile(ASTSource(fn, sig, constexprs=launch.constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=opts)
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -266,7 +272,9 @@ def analyse(launch: Launch, kernels: dict, arch: int) -> Row:
     dtypes = {t.lstrip("*") for t in launch.signature.values() if t.startswith("*")}
     dtype = "bf16" if "bf16" in dtypes else "fp16" if "fp16" in dtypes else "fp64" if "fp64" in dtypes else "fp32"
     c = launch.constexprs
-    shown = {n: v for n, v in c.items() if n != "LOWP" and not (n == "DOT_PREC" and c.get("LOWP"))}
+    declared = {kp.name for kp in kernels[launch.kernel].params if kp.is_constexpr}  # not the integers equal to 1
+    shown = {n: v for n, v in c.items()
+             if n in declared and n != "LOWP" and not (n == "DOT_PREC" and c.get("LOWP"))}
     config = ", ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in shown.items())
     config += f", warps={launch.num_warps}"
     problems = []

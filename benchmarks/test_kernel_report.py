@@ -37,11 +37,28 @@ def nhwc_fwd():
     for launch in sink.values():
         c = launch.constexprs
         box = list(CN.tile_shape(c["BLOCK_P"], 16, 16)) + [c["BLOCK_K"]]
-        out.append([launch.signature["x1"], "tensordesc<bf16[" + ",".join(map(str, box)) + "]>"])
+        out.append([launch.signature["x1"], "tensordesc<bf16[" + ", ".join(map(str, box)) + "]>"])
     row = kr.analyse(next(iter(sink.values())), kr.triton_kernels(), 90)
     return {{"boxes": out, "tma": row.tma, "wgmma": row.tensor_core_mma, "problems": row.problems}}
 
+def chunk(first):
+    # the weight gradient of a 32-channel chunk of a 48-channel channels_last source, read in place: starting
+    # at channel 16 its base is 32-byte aligned, at channel 1 it is 2 bytes off
+    from matnet.kernels import conv_nhwc as CN
+    cl = torch.channels_last
+    g = torch.empty(100, 32, 28, 28, dtype=torch.bfloat16, device="meta").contiguous(memory_format=cl)
+    x = torch.empty(100, 48, 28, 28, dtype=torch.bfloat16, device="meta").contiguous(memory_format=cl)
+    sink = {{}}
+    with kr.capturing(sink, {{"op": "probe"}}):
+        CN.weight_grad(g, [(x[:, first:first + 32], 9)], 3)
+    (launch,) = sink.values()
+    row = kr.analyse(launch, kr.triton_kernels(), 90)
+    return {{"x_aligned": "x_ptr" in launch.aligned, "g_aligned": "g_ptr" in launch.aligned,
+             "block_p": launch.constexprs["BLOCK_P"], "cp_async": row.async_copy, "problems": row.problems}}
+
 print(json.dumps({{
+    "chunk16": chunk(16),
+    "chunk1": chunk(1),
     "nhwc": nhwc_fwd(),
     "bf16_default": wgrad(torch.bfloat16, None),
     "bf16_m32": wgrad(torch.bfloat16, (64, 32, 32)),
@@ -62,6 +79,12 @@ def test_report_flags_spills_shared_memory_and_missing_wgmma():
     nhwc = problems["nhwc"]
     assert len(nhwc["boxes"]) > 1 and all(got == want for got, want in nhwc["boxes"])
     assert nhwc["tma"] and nhwc["wgmma"] and nhwc["problems"] == []
+    # arguments are specialised as the launcher does: an aligned source is read by cp.async copies in 32-pixel
+    # blocks; one two bytes off is gathered element by element, in 16-pixel blocks so that it does not spill
+    aligned, odd = problems["chunk16"], problems["chunk1"]
+    assert aligned["x_aligned"] and aligned["g_aligned"] and aligned["cp_async"] and aligned["block_p"] == 32
+    assert not odd["x_aligned"] and odd["g_aligned"] and odd["block_p"] == 16
+    assert aligned["problems"] == odd["problems"] == []
     # a 32-row tile cannot use wgmma (M >= 64), so the bf16 weight gradient falls back to mma.sync
     assert any("without tensor-core MMA" in p for p in problems["bf16_m32"])
     # 256x128 + 256x64 fp32 tiles with a gate need far more than 227 KB of shared memory, or spill

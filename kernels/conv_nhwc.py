@@ -253,23 +253,21 @@ def _fwd_configs() -> list[triton.Config]:
     """BLOCK_P x BLOCK_N x BLOCK_K, warps, stages. wgmma wants 64 rows per warpgroup: BLOCK_P >= 64."""
     out = []
     for bp, bn, bk, warps, stages in [(64, 32, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3),
-                                      (128, 32, 64, 8, 2), (64, 64, 64, 4, 2), (128, 128, 32, 8, 2)]:
+                                      (128, 32, 64, 8, 2), (64, 64, 64, 4, 2)]:
         out.append(triton.Config({"BLOCK_P": bp, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps,
                                  num_stages=stages, pre_hook=_set_boxes))
     return out
 
 
 def _prune_fwd(configs, nargs, **kw):
-    """Drop configs whose blocks are far wider than the channels they cover (all-masked MMA work), and,
-    for epilogues that read two more [pixels, channels] tensors or store two outputs, those with more
-    than 16 accumulators per thread: they spill on sm_90 (benchmarks/kernel_report.py)."""
+    """Drop configs whose blocks are far wider than the channels they cover (all-masked MMA work), and
+    those with more than 32 accumulators per thread: with the split store of the input gradient they spill
+    on sm_90 (benchmarks/kernel_report.py)."""
     n_p2 = triton.next_power_of_2(max(nargs["N"], 16))
     c_p2 = triton.next_power_of_2(max(nargs["C1"], nargs["C2"], 16))
-    heavy = kw.get("SPLIT_Y") or (kw.get("HAS_RES") and kw.get("GATE_RES"))
-    per_thread = 16 if heavy else 32
     kept = [c for c in configs
             if c.kwargs["BLOCK_N"] <= max(n_p2, 32) and c.kwargs["BLOCK_K"] <= max(c_p2, 32)
-            and c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_N"] <= per_thread * 32 * c.num_warps]
+            and c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_N"] <= 32 * 32 * c.num_warps]
     return kept or configs[:1]
 
 
@@ -390,15 +388,18 @@ def _extent(x: torch.Tensor) -> int:
     return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
 
 
-def _wgrad_blocks(N: int, C: int, taps: int, dtype: torch.dtype, block_sizes) -> tuple[int, int, int, int]:
+def _wgrad_blocks(N: int, C: int, taps: int, dtype: torch.dtype, block_sizes,
+                  vector: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_N, BLOCK_C, TG): all taps of a k <= 3 kernel in one program (TG = 16 >= 9 with
-    16-channel blocks: 256 MMA columns), fewer per program for larger kernels. On sm_90 the gathered
-    [32, 256] bf16 tile and the [64, 256] accumulator need ~250 registers with 8 warps and no spill
-    (fp32 needs 16-pixel blocks); larger blocks spill (benchmarks/kernel_report.py)."""
+    16-channel blocks: 256 MMA columns), fewer per program for larger kernels. On sm_90, with 8 warps, the
+    [64, 256] accumulator and a gathered [32, 256] bf16 tile read by cp.async take 128-148 registers; a
+    source whose channels or pixel stride are not multiples of 16 (`vector` False) is gathered element by
+    element, and its address registers spill at 32 pixels: 16 then (fp32: always 16; larger blocks
+    spill, benchmarks/kernel_report.py)."""
     if block_sizes is not None:
         bp, bn, bc = block_sizes
     else:
-        bp = 256 if interpreting() else 16 if dtype == torch.float32 else 32
+        bp = 256 if interpreting() else 32 if dtype != torch.float32 and vector else 16
         bn = max(min(max(triton.next_power_of_2(N), 16), 64), 16 if interpreting() else 64)  # wgmma: M >= 64
         bc = min(max(triton.next_power_of_2(C), 16), 64 if taps == 1 else 16)
     tg = min(triton.next_power_of_2(taps), max(256 // bc, 1))
@@ -432,7 +433,8 @@ def weight_grad(
                 parts.append(torch.zeros(N, C, kk, dtype=torch.float32, device=g.device))
                 continue
             x = nhwc(x)
-            bp, bn, bc, tg = _wgrad_blocks(N, C, taps, g.dtype, block_sizes)
+            vector = C % 16 == 0 and x.stride(3) % 16 == 0 and x.data_ptr() % 16 == 0
+            bp, bn, bc, tg = _wgrad_blocks(N, C, taps, g.dtype, block_sizes, vector)
             tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc) * triton.cdiv(taps, tg)
             n_split = wgrad_split(P, tiles, bp, g.device, split)
             n_iter = triton.cdiv(triton.cdiv(P, bp), n_split)
