@@ -392,7 +392,7 @@ def _wgrad_blocks(N: int, C: int, taps: int, dtype: torch.dtype, block_sizes,
                   vector: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_N, BLOCK_C, TG): all taps of a k <= 3 kernel in one program (TG = 16 >= 9 with
     16-channel blocks: 256 MMA columns), fewer per program for larger kernels. On sm_90, with 8 warps, the
-    [64, 256] accumulator and a gathered [32, 256] bf16 tile read by cp.async take 128-148 registers; a
+    [64, 256] accumulator and a gathered [32, 256] bf16 tile read by cp.async take 128-149 registers; a
     source whose channels or pixel stride are not multiples of 16 (`vector` False) is gathered element by
     element, and its address registers spill at 32 pixels: 16 then (fp32: always 16; larger blocks
     spill, benchmarks/kernel_report.py)."""
