@@ -136,7 +136,8 @@ def autotuned_kernels() -> list:
 
 def specialize(k, args) -> tuple[dict, dict, list]:
     """(signature, constants, arguments divisible by 16) of a launch of kernel k, as Triton's launcher
-    specialises its arguments for a CUDA device."""
+    specialises its arguments for a CUDA device. Covers what matnet's kernels use: positional arguments,
+    parameters without type annotations."""
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import native_specialize_impl
 
@@ -277,6 +278,8 @@ def analyse(launch: Launch, kernels: dict, arch: int) -> Row:
              if n in declared and n != "LOWP" and not (n == "DOT_PREC" and c.get("LOWP"))}
     config = ", ".join(f"{n}={int(v) if isinstance(v, bool) else v}" for n, v in shown.items())
     config += f", warps={launch.num_warps}"
+    unaligned = [n for n, t in launch.signature.items() if t.startswith("*") and n not in launch.aligned]
+    config += f", unaligned={'/'.join(unaligned)}" if unaligned else ""
     problems = []
     if spills:
         problems.append(f"spills {spills} bytes")

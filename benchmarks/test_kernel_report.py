@@ -53,8 +53,10 @@ def chunk(first):
         CN.weight_grad(g, [(x[:, first:first + 32], 9)], 3)
     (launch,) = sink.values()
     row = kr.analyse(launch, kr.triton_kernels(), 90)
+    ptx = kr.compile_launch(launch, kr.triton_kernels(), 90).asm["ptx"]
     return {{"x_aligned": "x_ptr" in launch.aligned, "g_aligned": "g_ptr" in launch.aligned,
-             "block_p": launch.constexprs["BLOCK_P"], "cp_async": row.async_copy, "problems": row.problems}}
+             "block_p": launch.constexprs["BLOCK_P"], "problems": row.problems,
+             "vector_copies": ptx.count("cp.async.cg.shared.global"), "scalar_loads": ptx.count("ld.global.b16")}}
 
 print(json.dumps({{
     "chunk16": chunk(16),
@@ -79,11 +81,14 @@ def test_report_flags_spills_shared_memory_and_missing_wgmma():
     nhwc = problems["nhwc"]
     assert len(nhwc["boxes"]) > 1 and all(got == want for got, want in nhwc["boxes"])
     assert nhwc["tma"] and nhwc["wgmma"] and nhwc["problems"] == []
-    # arguments are specialised as the launcher does: an aligned source is read by cp.async copies in 32-pixel
-    # blocks; one two bytes off is gathered element by element, in 16-pixel blocks so that it does not spill
+    # arguments are specialised as the launcher does: an aligned source is read by 16-byte cp.async copies
+    # in 32-pixel blocks, with no scalar load; one two bytes off is gathered by 2-byte loads through
+    # registers, in 16-pixel blocks so that it does not spill
     aligned, odd = problems["chunk16"], problems["chunk1"]
-    assert aligned["x_aligned"] and aligned["g_aligned"] and aligned["cp_async"] and aligned["block_p"] == 32
+    assert aligned["x_aligned"] and aligned["g_aligned"] and aligned["block_p"] == 32
+    assert aligned["vector_copies"] > 0 and aligned["scalar_loads"] == 0
     assert not odd["x_aligned"] and odd["g_aligned"] and odd["block_p"] == 16
+    assert odd["scalar_loads"] > 0
     assert aligned["problems"] == odd["problems"] == []
     # a 32-row tile cannot use wgmma (M >= 64), so the bf16 weight gradient falls back to mma.sync
     assert any("without tensor-core MMA" in p for p in problems["bf16_m32"])

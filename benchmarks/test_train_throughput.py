@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import train_throughput as tt  # noqa: E402
 
-HINT = "V1125 perf_hints] skipping cudagraphs due to cpu device (arg2_1). Found from :"
+HINT = "V1125 perf_hints] skipping cudagraphs due to cpu device (arg2_1). Found from : "
 
 
 def _fake_run(stderr_for_graphs: str):
@@ -28,19 +28,22 @@ def _fake_run(stderr_for_graphs: str):
 
 
 def test_cuda_graph_skips_are_reported_for_graph_settings_only(monkeypatch, capsys):
+    monkeypatch.delenv("TORCH_LOGS", raising=False)
     run, envs = _fake_run(f"warming up\n{HINT}\n{HINT}\n")
     monkeypatch.setattr(tt.subprocess, "run", run)
     assert tt.main(["--device", "cuda", "--only", "3,4", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     graphs, compiled = tt.CUDA_SETTINGS[3][0], tt.CUDA_SETTINGS[2][0]
-    assert f"{graphs}: torch.compile replayed no CUDA graphs: skipping cudagraphs due to cpu device" in out
-    assert f"{compiled}: torch.compile replayed no" not in out  # not asked for graphs: its stderr is not read
+    assert f"{graphs}: torch.compile skipped CUDA graphs for some graphs: due to cpu device (arg2_1)\n" in out
+    assert f"{compiled}: torch.compile skipped" not in out  # not asked for graphs: its stderr is not read
     assert [e.get("TORCH_LOGS") for e in envs] == [None, "perf_hints"]
     assert f"| {graphs} | 250.0 |" in out  # the median of the rows after the first
 
 
 def test_no_note_when_the_graphs_ran(monkeypatch, capsys):
-    run, _ = _fake_run("warming up\n")
+    monkeypatch.setenv("TORCH_LOGS", "recompiles")
+    run, envs = _fake_run("warming up\n")
     monkeypatch.setattr(tt.subprocess, "run", run)
     assert tt.main(["--device", "cuda", "--only", "4", "--steps", "3"]) == 0
-    assert "replayed no CUDA graphs" not in capsys.readouterr().out
+    assert "skipped CUDA graphs" not in capsys.readouterr().out
+    assert envs[0]["TORCH_LOGS"] == "recompiles,perf_hints"  # the user's logs are kept

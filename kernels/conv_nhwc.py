@@ -9,7 +9,7 @@ for channels_last activations. What the layout buys on a GPU:
   16 bytes is read through a 4-d TMA descriptor over [B, H, W, C]: one bulk copy per (tap, channel
   block), pipelined by `num_stages`, and the descriptor's out-of-bounds zero fill is the 'same'
   padding (no masks, no index math). Other sources (3 or 5 channels, odd views) fall back to
-  16-byte-vector pointer loads. Channel chunks of a channels_last tensor are read in place.
+  masked pointer loads, as wide as their alignment allows. Channel chunks of a channels_last tensor are read in place.
 - A program owns a spatial tile TB x TH x TW (batch x rows x columns, BLOCK_P pixels) of the
   output. The k x k taps of one channel block are k x k shifted boxes of the same haloed region, so
   after the first tap the halo comes from L1/L2, not HBM. (Triton's language has no sub-views of
@@ -260,9 +260,9 @@ def _fwd_configs() -> list[triton.Config]:
 
 
 def _prune_fwd(configs, nargs, **kw):
-    """Drop configs whose blocks are far wider than the channels they cover (all-masked MMA work), and
-    those with more than 32 accumulators per thread: with the split store of the input gradient they spill
-    on sm_90 (benchmarks/kernel_report.py)."""
+    """Drop configs whose blocks are far wider than the channels they cover (all-masked MMA work). The cap of
+    32 accumulators per thread keeps out tiles that spill on sm_90 (a 128x128 tile with the split store of
+    the input gradient did, benchmarks/kernel_report.py); today's configs are all within it."""
     n_p2 = triton.next_power_of_2(max(nargs["N"], 16))
     c_p2 = triton.next_power_of_2(max(nargs["C1"], nargs["C2"], 16))
     kept = [c for c in configs
@@ -392,10 +392,10 @@ def _wgrad_blocks(N: int, C: int, taps: int, dtype: torch.dtype, block_sizes,
                   vector: bool = True) -> tuple[int, int, int, int]:
     """(BLOCK_P, BLOCK_N, BLOCK_C, TG): all taps of a k <= 3 kernel in one program (TG = 16 >= 9 with
     16-channel blocks: 256 MMA columns), fewer per program for larger kernels. On sm_90, with 8 warps, the
-    [64, 256] accumulator and a gathered [32, 256] bf16 tile read by cp.async take 128-149 registers; a
-    source whose channels or pixel stride are not multiples of 16 (`vector` False) is gathered element by
-    element, and its address registers spill at 32 pixels: 16 then (fp32: always 16; larger blocks
-    spill, benchmarks/kernel_report.py)."""
+    [64, 256] accumulator and a gathered [32, 256] bf16 tile read by cp.async take 128-149 registers. A
+    source that is not 16-aligned (`vector` False: channel count, strides or base address) is gathered
+    element by element, and with 32-pixel blocks its address registers spill, so it gets 16-pixel blocks.
+    fp32 always uses 16-pixel blocks; larger blocks spill (benchmarks/kernel_report.py)."""
     if block_sizes is not None:
         bp, bn, bc = block_sizes
     else:
@@ -433,7 +433,8 @@ def weight_grad(
                 parts.append(torch.zeros(N, C, kk, dtype=torch.float32, device=g.device))
                 continue
             x = nhwc(x)
-            vector = C % 16 == 0 and x.stride(3) % 16 == 0 and x.data_ptr() % 16 == 0
+            # what the launcher's divisibility hints need for 16-byte loads of the gathered source
+            vector = C % 16 == 0 and all(x.stride(d) % 16 == 0 for d in (0, 2, 3)) and x.data_ptr() % 16 == 0
             bp, bn, bc, tg = _wgrad_blocks(N, C, taps, g.dtype, block_sizes, vector)
             tiles = triton.cdiv(N, bn) * triton.cdiv(C, bc) * triton.cdiv(taps, tg)
             n_split = wgrad_split(P, tiles, bp, g.device, split)

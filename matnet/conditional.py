@@ -317,8 +317,9 @@ class ConditionalMatNet(UsesOps, nn.Module):
         trace = _Trace(return_log_weight)
         recon, aux = self._infer(x, m, trace)
         kl = torch.stack(trace.kl, dim=1)
-        nll_bound = recon + kl.sum(1)  # Eq. 6
-        loss = (recon + kl_weight * kl.sum(1) + self.cfg.stage_recon_weight * aux).mean()  # aux: 0 for one stage
+        kl_sum = kl.sum(1)
+        nll_bound = recon + kl_sum  # Eq. 6
+        loss = (recon + kl_weight * kl_sum + self.cfg.stage_recon_weight * aux).mean()  # aux: 0 for one stage
         log_w = -(recon + trace.log_ratio) if return_log_weight else None
         return MatNetOutput(loss, nll_bound, recon, kl, log_w)
 

@@ -256,8 +256,9 @@ class MatNet(UsesOps, nn.Module):
         h = self.top_down(self.bottom_up(x), trace)
         recon = self.dist.nll(x, self.output_params(h, x))
         kl = torch.stack(trace.kl, dim=1)
-        nll_bound = recon + kl.sum(1)
-        loss = (recon + kl_weight * kl.sum(1)).mean()  # no branch on the weight: compiled graphs keep one shape
+        kl_sum = kl.sum(1)
+        nll_bound = recon + kl_sum
+        loss = (recon + kl_weight * kl_sum).mean()  # no branch on the weight: compiled graphs keep one shape
         if self.cfg.prior_entropy_weight and trace.log_resp is not None:  # sec. 3: sharpen q's component posteriors
             entropy = -(trace.log_resp.exp() * trace.log_resp).sum(1)
             loss = loss + self.cfg.prior_entropy_weight * entropy.mean()

@@ -640,13 +640,13 @@ class Trainer:
         def call(*inputs: torch.Tensor, kl_weight: float) -> Any:
             # the KL warm-up's weight as a device tensor: a Python float would recompile when it first changes
             # and then enter the graph as a host scalar
-            kl_weight = torch.full((), kl_weight, device=inputs[0].device)
+            w = torch.full((), kl_weight, device=inputs[0].device)
             if not COMPILE_MODES[mode]:
-                return compiled(*inputs, kl_weight=kl_weight)
+                return compiled(*inputs, kl_weight=w)
             # CUDA graphs: each call is a new step, and its outputs are copied out of the graph's memory, which
             # the next call overwrites (the micro-batches of --grad-accum are read after the last one ran)
             torch.compiler.cudagraph_mark_step_begin()
-            out = compiled(*inputs, kl_weight=kl_weight)
+            out = compiled(*inputs, kl_weight=w)
             return dataclasses.replace(out, **{f.name: v.clone() for f in dataclasses.fields(out)
                                                if isinstance(v := getattr(out, f.name), torch.Tensor)})
 

@@ -223,6 +223,7 @@ def test_compile_runs_the_training_step_through_torch_compile(tmp_path, fake_mni
 def test_compile_traces_one_graph_through_the_kl_warm_up(tmp_path, fake_mnist, monkeypatch):
     """The warm-up changes the KL weight every step: the compiled step must take it as an input, not recompile
     (dynamo's recompile limit would then drop to eager) or bake a stale value into the graph."""
+    torch._dynamo.reset()
     real, graphs = torch.compile, []
 
     def counting_backend(gm, example_inputs):
