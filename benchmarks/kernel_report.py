@@ -22,8 +22,10 @@ decides whether loads are vectorised and whether they can become cp.async copies
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -291,6 +293,10 @@ def analyse(launch: Launch, kernels: dict, arch: int) -> Row:
                "cp.async" in ptx, "cp.async.bulk" in ptx, problems)
 
 
+def _analyse_in_worker(launch: Launch, arch: int) -> Row:
+    return analyse(launch, triton_kernels(), arch)
+
+
 def collect(presets: list[str], dtypes: list[str]) -> list[Launch]:
     sink: dict[str, Launch] = {}
     for preset in presets:
@@ -341,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(for benchmarks/RESULTS.md)")
     p.add_argument("--presets", default="mnist,omniglot,cifar10", help="comma-separated presets")
     p.add_argument("--dtypes", default="fp32,bf16,fp16", help="comma-separated: fp32, bf16, fp16")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="configs compiled in parallel")
     a = p.parse_args(argv)
     m = re.fullmatch(r"sm_(\d+)a?", a.arch)
     if not m:
@@ -351,12 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"kernel_report: unknown dtype(s) {bad}; use fp32, bf16, fp16", file=sys.stderr)
         return 2
-    kernels = triton_kernels()
+    if a.jobs < 1:
+        print(f"kernel_report: --jobs must be >= 1, got {a.jobs}", file=sys.stderr)
+        return 2
     launches = collect(a.presets.split(","), a.dtypes.split(","))
-    rows = []
-    for i, launch in enumerate(launches):
-        print(f"[{i + 1}/{len(launches)}] {launch.kernel} ({launch.where})", file=sys.stderr)
-        rows.append(analyse(launch, kernels, arch))
+    with concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = []
+        for i, row in enumerate(pool.map(_analyse_in_worker, launches, [arch] * len(launches))):
+            print(f"[{i + 1}/{len(launches)}] {row.kernel} ({row.where})", file=sys.stderr)
+            rows.append(row)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"arch": a.arch, "rows": [asdict(r) for r in rows]}, f, indent=1)
