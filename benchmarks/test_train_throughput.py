@@ -1,5 +1,5 @@
-"""train_throughput.py says when torch.compile was asked for CUDA graphs but replayed none: a "CUDA graphs" row
-that ran without them would otherwise look like a measurement of them."""
+"""train_throughput.py says when torch.compile was asked for CUDA graphs but skipped them for some graphs: a
+"CUDA graphs" row that ran without them would otherwise look like a measurement of them."""
 
 import json
 import subprocess

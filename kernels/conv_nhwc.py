@@ -9,7 +9,8 @@ for channels_last activations. What the layout buys on a GPU:
   16 bytes is read through a 4-d TMA descriptor over [B, H, W, C]: one bulk copy per (tap, channel
   block), pipelined by `num_stages`, and the descriptor's out-of-bounds zero fill is the 'same'
   padding (no masks, no index math). Other sources (3 or 5 channels, odd views) fall back to
-  masked pointer loads, as wide as their alignment allows. Channel chunks of a channels_last tensor are read in place.
+  masked pointer loads, as wide as their alignment allows. Channel chunks of a channels_last tensor
+  are read in place.
 - A program owns a spatial tile TB x TH x TW (batch x rows x columns, BLOCK_P pixels) of the
   output. The k x k taps of one channel block are k x k shifted boxes of the same haloed region, so
   after the first tap the halo comes from L1/L2, not HBM. (Triton's language has no sub-views of
