@@ -331,8 +331,8 @@ class ConditionalMatNet(UsesOps, nn.Module):
     @torch.no_grad()
     def iwae_nll(self, x: torch.Tensor, mask: torch.Tensor, k: int = 1000, chunk: int | None = None) -> torch.Tensor:
         """Importance-sampled bound on -log p(x^u | x^k): -log (1/k) sum_s p(x^u, z_s | x^k) / q(z_s | x),
-        z_s ~ q(z | x); [B] nats per image over the missing pixels. The first stage's BU passes run once; the
-        k samples go through the rest `chunk` at a time with a running logsumexp."""
+        z_s ~ q(z | x); [B] nats per image over the missing pixels (fp32 at least). The first stage's BU passes run
+        once; the k samples go through the rest `chunk` at a time with a running logsumexp."""
         self.check_input(x)
         m = self.check_mask(mask, x)
         if k < 1:
@@ -350,7 +350,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
             log_w = -(recon.float() + trace.log_ratio)
             total = torch.logaddexp(total, torch.logsumexp(log_w.double().view(c, B), dim=0))
             done += c
-        return (math.log(k) - total).to(x.dtype)
+        return (math.log(k) - total).to(torch.promote_types(x.dtype, torch.float32))  # no bf16 rounding
 
     @torch.no_grad()
     def prior_params(self, x: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0

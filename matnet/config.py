@@ -117,6 +117,7 @@ class MatNetConfig:
     prior_refit_step: int = 0  # at this training step the components move to k-means clusters of q(z0 | x)'s
     #   means on training images (not in the paper; revives components Eq. 12 never reaches); 0: never
     infer_reg_weight: float = 0.0  # lambda of Eq. 13 on samples x ~ p(x), inference parameters only; 0 disables
+    #   (each step then draws a batch from the model: with ar_layers > 0, one decoder pass per pixel)
     infer_reg_start: int = 0  # first training step at which Eq. 13 is applied
 
     def __post_init__(self) -> None:

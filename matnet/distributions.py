@@ -12,7 +12,8 @@ from .ops import reference
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Snap values to the 256 bin centres 2k/255 - 1 on [-1, 1]."""
+    """Snap values to the 256 bin centres 2k/255 - 1 on [-1, 1], in fp32 at least (bf16 cannot hold them)."""
+    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     return torch.round((x.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
 
 
@@ -64,7 +65,7 @@ class Gaussian(OutputDistribution):
 
     def sample(self, params):
         mean, logvar = params.chunk(2, dim=1)
-        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)).clamp(-1, 1)  # data space is [-1, 1]
 
     def mean(self, params):
         return params.chunk(2, dim=1)[0]

@@ -55,7 +55,7 @@ def finetune_inference(model: MatNet, data: ImageDataset, n_images: int | None =
             for i in range(0, n, batch_size):
                 x = data.to_float(data.images[order[i:i + batch_size]], generator=gen).to(device)
                 opt.zero_grad(set_to_none=True)
-                tuned(x).loss.backward()
+                tuned(x).nll_bound.mean().backward()  # the bound itself: no KL warm-up, no entropy penalty
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
     for p, flag in zip(tuned.parameters(), flags):

@@ -126,10 +126,10 @@ class Occluders(MaskGenerator):
 
     def _make(self, batch_size: int, height: int, width: int, generator: Gen, device: torch.device) -> torch.Tensor:
         _fits("occluders", self.d, height, width)
-        shape = (batch_size, self.k)
-        top = torch.randint(0, height - self.d + 1, shape, generator=generator, device=device)
-        left = torch.randint(0, width - self.d + 1, shape, generator=generator, device=device)
-        return _boxes(top, left, self.d, height, width)
+        cols = width - self.d + 1
+        # one draw per square (not all tops, then all lefts): image i's squares do not depend on the batch size
+        pos = torch.randint(0, (height - self.d + 1) * cols, (batch_size, self.k), generator=generator, device=device)
+        return _boxes(pos // cols, pos % cols, self.d, height, width)
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,8 @@ def _parse(kind: str, arg: str, bad: Callable[[str], ValueError]) -> MaskGenerat
 def fixed_masks(spec: str | MaskGenerator, n: int, height: int, width: int, seed: int = 0,
                 device: Device = None) -> torch.Tensor:
     """n masks [n, 1, H, W] drawn from a private CPU generator seeded with ``seed``: the same on
-    every call and every device, and the global RNG is left untouched (test-set evaluation)."""
+    every call and every device, and the global RNG is left untouched (test-set evaluation). Mask i
+    does not depend on n: the first n masks of a larger draw are these."""
     gen = parse_mask_spec(spec) if isinstance(spec, str) else spec
     if not isinstance(gen, MaskGenerator):
         raise TypeError(f"spec must be a str or a MaskGenerator, got {type(spec).__name__}")

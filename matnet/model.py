@@ -185,9 +185,10 @@ class MatNet(UsesOps, nn.Module):
         trace.kl.append(kl.flatten(1).sum(1))
         if trace.log_ratio is not None:
             # summed over every latent dimension: in fp32 at least, also under autocast and for half models
-            logvar_q, eps, z, mu_p, logvar_p = reference._fp32_at_least(logvar_q, eps, z, mu_p, logvar_p)
-            log_q = -0.5 * (reference.LOG_2PI + logvar_q + eps**2)
-            log_p = reference.gaussian_log_prob(z, mu_p, logvar_p)
+            # (upcast copies under new names: the z returned below stays in the model's dtype)
+            lv_q, e, z32, m_p, lv_p = reference._fp32_at_least(logvar_q, eps, z, mu_p, logvar_p)
+            log_q = -0.5 * (reference.LOG_2PI + lv_q + e**2)
+            log_p = reference.gaussian_log_prob(z32, m_p, lv_p)
             trace.log_ratio = trace.log_ratio + (log_q - log_p).flatten(1).sum(1)
         return z
 
@@ -260,7 +261,8 @@ class MatNet(UsesOps, nn.Module):
         nll_bound = recon + kl_sum
         loss = (recon + kl_weight * kl_sum).mean()  # no branch on the weight: compiled graphs keep one shape
         if self.cfg.prior_entropy_weight and trace.log_resp is not None:  # sec. 3: sharpen q's component posteriors
-            entropy = -(trace.log_resp.exp() * trace.log_resp).sum(1)
+            lr = trace.log_resp  # a component with infinite KL has log_resp -inf: 0 * -inf would be NaN
+            entropy = -(lr.exp() * lr.clamp(min=torch.finfo(lr.dtype).min)).sum(1)
             loss = loss + self.cfg.prior_entropy_weight * entropy.mean()
         log_w = -(recon + trace.log_ratio) if return_log_weight else None
         return MatNetOutput(loss, nll_bound, recon, kl, log_w)
@@ -272,7 +274,8 @@ class MatNet(UsesOps, nn.Module):
 
     @torch.inference_mode()
     def iwae_nll(self, x: torch.Tensor, k: int = 2500, chunk: int | None = None) -> torch.Tensor:
-        """Importance-sampled bound -log (1/k) sum_s p(x, z_s) / q(z_s | x), z_s ~ q(z | x); [B] nats.
+        """Importance-sampled bound -log (1/k) sum_s p(x, z_s) / q(z_s | x), z_s ~ q(z | x); [B] nats
+        (fp32, or fp64 for an fp64 model).
 
         The BU pass runs once; the k samples go through the TD network `chunk` at a time, with a
         running logsumexp, so memory is set by B * chunk and not by k. The default chunk gives about
@@ -298,7 +301,7 @@ class MatNet(UsesOps, nn.Module):
             lse = torch.logsumexp(log_w.double().view(c, B), dim=0)
             total = torch.logaddexp(total, lse)
             done += c
-        return (math.log(k) - total).to(x.dtype)
+        return (math.log(k) - total).to(torch.promote_types(x.dtype, torch.float32))  # no bf16 rounding
 
     @torch.no_grad()
     def z0_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,10 +324,11 @@ class MatNet(UsesOps, nn.Module):
         8-bit images are then decoded greedily and binary ones show each pixel's mean given drawn pixels."""
         h = self.generate_features(n, temperature)
         pick = self.dist.mean if mean else self.dist.sample
+        dtype = next(self.parameters()).dtype  # the data's dtype, also under autocast (h is bf16 there)
         if self.ar is None:
-            return pick(self.output_params(h, None))
+            return pick(self.output_params(h, None)).to(dtype)
         cfg = self.cfg
-        x = torch.zeros(n, cfg.image_channels, cfg.image_size, cfg.image_size, device=h.device, dtype=h.dtype)
+        x = torch.zeros(n, cfg.image_channels, cfg.image_size, cfg.image_size, device=h.device, dtype=dtype)
         # binary means are probabilities, not data: the loop then conditions on draws and only shows means
         shown = torch.zeros_like(x) if mean and self.dist.binary else x
         base = self.out(h)

@@ -73,7 +73,7 @@ def inference_regularizer(model: nn.Module, n: int) -> torch.Tensor:
         raise ValueError(f"n must be >= 1, got {n}")
     m = _unwrap(model)
     with torch.no_grad():
-        x = m.sample(n)
+        x = m.sample(n)  # in the parameters' dtype, also under autocast
     ids = _inference_ids(m)
     frozen = {name: p.detach() for name, p in m.named_parameters() if id(p) not in ids}
     out = torch.func.functional_call(m, frozen, (x,), strict=False)

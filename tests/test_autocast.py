@@ -169,6 +169,40 @@ def test_iwae_under_autocast(device, dtype):
     assert_all_within_ref_error("iwae", {"b": b_f}, {"b": b_r}, {"b": b_t})
 
 
+@pytest.mark.parametrize("kind", ["normal", "gmm", "conditional"])
+def test_iwae_of_a_bf16_model(kind):
+    """A model cast to bf16 (no autocast): the bound runs, comes back in fp32 (not rounded to bf16's ~4-nat steps
+    at 500 nats) and stays near the fp64 bound of the same weights (bf16 keeps ~3 significant digits)."""
+    cfg = matnet.MatNetConfig.preset("tiny", **({"prior": "gmm", "prior_components": 3} if kind == "gmm" else {}))
+    cls = matnet.ConditionalMatNet if kind == "conditional" else matnet.MatNet
+    half = cls(cfg).to(torch.bfloat16)
+    truth = cls(cfg).double()
+    truth.load_state_dict(half.state_dict())
+    x = random_data(cfg, 3)
+    args = (torch.ones_like(x[:, :1]).tril(),) if kind == "conditional" else ()
+    torch.manual_seed(2)
+    got = half.iwae_nll(x.bfloat16(), *args, k=6, chunk=4)
+    torch.manual_seed(2)
+    want = truth.iwae_nll(x.double(), *args, k=6, chunk=4)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert ((got.double() - want).abs() < 0.02 * want.abs()).all(), (got, want)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian", "logistic", "logistic_mixture"])
+def test_samples_under_autocast_are_data(likelihood):
+    """model.sample under bf16 autocast returns data in the parameters' dtype: fp32, in range, 8-bit values exactly
+    on their bins (bf16 cannot hold 2k/255 - 1), so the model accepts its own samples."""
+    rgb = {"image_channels": 3, "dataset": "cifar10"} if likelihood == "logistic_mixture" else {}
+    cfg = matnet.MatNetConfig.preset("tiny", likelihood=likelihood, n_mixtures=2, **rgb)
+    model = matnet.FastMatNet(cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = model.sample(4)
+        model(x)  # check_input: dtype and range
+    assert x.dtype == torch.float32
+    if likelihood in ("logistic", "logistic_mixture"):
+        assert torch.equal(torch.round((x + 1) * 127.5) / 127.5 - 1, x)
+
+
 def test_mixed_dtypes_outside_autocast_are_rejected():
     args = _gaussian_args("cpu", torch.bfloat16)
     with pytest.raises(TypeError, match="dtype"):

@@ -14,6 +14,7 @@ TINY = matnet.MatNetConfig.preset("tiny")
 CASES = {
     "tiny": TINY,
     "logistic-8bit": TINY.replace(likelihood="logistic"),
+    "gaussian": TINY.replace(likelihood="gaussian"),  # unbounded draws: clamped to data space
     "gmm": TINY.replace(prior="gmm", prior_components=3),
     "fc-gru": TINY.replace(fully_connected=True, fc_modules=2),
     # the cifar10 layout, shrunk: RGB mixture likelihood with the AR reconstruction
@@ -68,6 +69,7 @@ def test_gradient_reaches_inference_parameters_only(name, cls):
         assert set(x.unique().tolist()) <= {0.0, 1.0}
     else:
         assert x.min() >= -1 and x.max() <= 1
+    if cfg.likelihood in ("logistic", "mixture"):
         assert torch.allclose(torch.round((x + 1) * 127.5), (x + 1) * 127.5, atol=1e-4)  # 8-bit bin centres
 
     # the same draw and forward noise through the plain ELBO: the same inference gradients
@@ -81,6 +83,28 @@ def test_gradient_reaches_inference_parameters_only(name, cls):
         assert g is not None, n
         torch.testing.assert_close(g, w, msg=n)  # the same fp32 computation, only the graph differs
         assert n == "merge.0.0.update.weight_hh" or g.abs().max() > 0, n
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_runs_under_autocast(name):
+    """Under bf16 autocast the samples come back as data in the parameters' dtype (fp32, 8-bit values exactly on
+    their bins), so the model accepts them; the gradient still reaches the inference parameters only."""
+    cfg = CASES[name]
+    m = matnet.FastMatNet(cfg)
+    inf, gen = inference_parameters(m), generator_parameters(m)
+    seen = []
+    check = m.check_input
+    m.check_input = lambda x: (seen.append(x), check(x))[1]
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reg = inference_regularizer(m, 3)
+    reg.backward()
+    assert torch.isfinite(reg) and all(p.grad is None for p in gen)
+    assert sum(p.grad is not None and bool(p.grad.abs().max() > 0) for p in inf) > len(inf) // 2
+    x = seen[-1]
+    assert x.dtype == torch.float32
+    if cfg.likelihood in ("logistic", "mixture"):
+        assert torch.equal(torch.round((x + 1) * 127.5) / 127.5 - 1, x)
 
 
 def test_adds_to_the_training_loss():
@@ -132,3 +156,30 @@ def test_trainer_applies_eq13_from_its_start_step_to_the_inference_parameters(tm
     assert all(torch.equal(a, b) for a, b in gen)
     inf = zip(inference_parameters(with_reg.model), inference_parameters(without.model))
     assert not all(torch.equal(a, b) for a, b in inf)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_weights_eq13(tmp_path, precision):
+    """The trainer adds weight x Eq. 13's gradient, under autocast too: halving the weight halves the inference
+    gradients (exactly: a power of two), and the logged value is the unweighted regulariser."""
+    from test_train import _opts, _tiny, make_fake_mnist
+
+    from matnet.train import Trainer
+
+    (tmp_path / "mnist").mkdir()
+    data = make_fake_mnist(tmp_path / "mnist")
+
+    def grads(weight):
+        tr = Trainer(_tiny().replace(infer_reg_weight=weight, infer_reg_start=0),
+                     _opts(tmp_path / str(weight), data, steps=1, eval_every=0, ckpt_every=0, precision=precision))
+        tr.model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        reg = tr.inference_regularizer_grads(4)
+        assert all(p.grad is None for p in generator_parameters(tr.model))
+        return reg, [p.grad for p in inference_parameters(tr.model)]
+
+    reg1, g1 = grads(1.0)
+    reg2, g2 = grads(0.5)
+    assert reg1 == reg2 and reg1 > 0
+    assert all((a is None) == (b is None) for a, b in zip(g1, g2))
+    assert all(torch.equal(0.5 * a, b) for a, b in zip(g1, g2) if a is not None)

@@ -165,6 +165,7 @@ def test_fixed_masks_are_stable(spec):
     torch.rand(100)  # global RNG use in between does not matter
     assert torch.equal(a, fixed_masks(parse_mask_spec(spec), 50, 28, 28, seed=11))
     assert_binary_mask(a, 50, 28, 28)
+    assert torch.equal(fixed_masks(spec, 17, 28, 28, seed=11), a[:17])  # image i's mask whatever the count
     if spec != "centre:16":
         assert not torch.equal(a, fixed_masks(spec, 50, 28, 28, seed=12))
 
