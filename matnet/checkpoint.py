@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -47,19 +48,15 @@ def _write(f: BinaryIO, data: bytes) -> None:
     f.write(data)
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write `state` to `path` atomically with a SHA-256 of its payload."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], what: str = "file") -> None:
+    """Run `write` on a temp file beside `path`, then fsync and rename it over `path`: a crash, a full disk or a
+    failed write leaves the previous file whole. Errors name the file (DiskFullError for ENOSPC / EDQUOT)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
-    payload = buf.getbuffer()
-    digest = hashlib.sha256(payload).hexdigest().encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write(f, MAGIC + digest + b"\n")
-            _write(f, payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,14 +64,32 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            kept = "the previous checkpoint is kept" if path.exists() else "no checkpoint was written"
+            kept = f"the previous {what} is kept" if path.exists() else f"no {what} was written"
             raise DiskFullError(e.errno, f"disk full while writing {path} ({os.strerror(e.errno)}); {kept}") from e
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"could not write {path}: {os.strerror(e.errno)}") from e
         raise
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write `state` to `path` atomically with a SHA-256 of its payload."""
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    payload = buf.getbuffer()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+
+    def write(f: BinaryIO) -> None:
+        _write(f, MAGIC + digest + b"\n")
+        _write(f, payload)
+
+    atomic_write(path, write, "checkpoint")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`, after checking its digest."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give the checkpoint file in it (e.g. {path / 'checkpoint.pt'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     raw = path.read_bytes()
@@ -171,5 +186,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", fast
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its config: {e}") from e
+        raise CheckpointError(f"{path}: weights do not match its config: {brief(e)}") from e
     return model.to(device).eval()
+
+
+def brief(e: Exception, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters (state_dict mismatches list every key)."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any, NoReturn
 import torch
 
 from . import distributed
+from .checkpoint import atomic_write
 from .config import PRESETS, MatNetConfig, check_field_types
 from .masks import SPEC_FORMS, parse_mask_spec
 from .train import EXIT_DIVERGED, EXIT_TIME_LIMIT, EXIT_USAGE, TrainOptions, strict_json
@@ -69,8 +71,12 @@ class EvalOptions:
                          "mask_seed": 0, "finetune_inference_epochs": 0})
         if self.mask is not None:
             parse_mask_spec(self.mask)
-        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
-            raise ValueError(f"--finetune-lr must be a finite number > 0, got {self.finetune_lr}")
+        if not (math.isfinite(self.finetune_lr) and 0 < self.finetune_lr <= 1):
+            raise ValueError(f"--finetune-lr must be a number in (0, 1], got {self.finetune_lr}")
+        if self.finetune_lr != EvalOptions.__dataclass_fields__["finetune_lr"].default and not \
+                self.finetune_inference_epochs:
+            raise ValueError("--finetune-lr needs --finetune-inference-epochs N (fine-tuning is off by default)")
+        _check_out(self.out)
 
 
 @dataclass
@@ -86,6 +92,7 @@ class SampleOptions:
         _at_least(self, {"n": 1})
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
+        _check_out(self.out, ".png")
 
 
 @dataclass
@@ -106,10 +113,15 @@ class InpaintOptions:
     def __post_init__(self) -> None:
         check_field_types(self)
         _at_least(self, {"n": 1, "images": 1})
+        if self.n > MAX_GRID_COLUMNS:  # one row of n + 2 images: wider grids make PNGs that viewers refuse
+            raise ValueError(f"--n must be <= {MAX_GRID_COLUMNS} (one grid row per image), got {self.n}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
         if self.mask is not None:
             parse_mask_spec(self.mask)
+        if self.folder is not None and not self.folder.strip():
+            raise ValueError("--folder is empty: give a folder of image files")
+        _check_out(self.out, ".png")
 
 
 @dataclass
@@ -124,6 +136,23 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         check_field_types(self)
         _at_least(self, {"n_images": 1})
+        _check_out(self.out, ".png")
+
+
+MAX_GRID_COLUMNS = 100
+
+
+def _check_out(path: str | None, suffix: str | None = None) -> None:
+    """--out names a file (ending in `suffix` when given); missing folders above it are created when writing."""
+    if path is None:
+        return
+    p = Path(path)
+    if not path.strip() or p.is_dir() or path.endswith(("/", os.sep)):
+        raise ValueError(f"--out {path!r} is a folder; give a file path" + (f" ending in {suffix}" if suffix else ""))
+    if suffix and p.suffix.lower() != suffix:
+        raise ValueError(f"--out {path!r} must end in {suffix}")
+    if any(q.exists() and not q.is_dir() for q in p.parents):
+        raise ValueError(f"--out {path!r}: a folder on its path is a file")
 
 
 def _at_least(opts: Any, lows: dict[str, int]) -> None:
@@ -205,8 +234,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, load_model
-    from .data import load_dataset
-    from .train import evaluate, pick_device
+    from .train import TrainingDiverged, evaluate, pick_device
 
     o: EvalOptions = from_args(EvalOptions, a)
     _threads(a.threads)
@@ -221,8 +249,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise ValueError(f"--mask is for inpainting checkpoints; {o.checkpoint} is a density model")
     model = load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
-    data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, val_size=o.val_size,
-                        image_size=cfg.image_size, binarize=cfg.binarize)
+    data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
     n = min(o.n_images or len(data), len(data))
     m = n if o.iwae_images is None else min(o.iwae_images, n)
     t = time.time()
@@ -235,6 +262,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
                                    seed=a.seed, device=dev, progress=True)
         ft = evaluate(tuned, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev, progress=True,
                       chunk=o.chunk)
+        if not math.isfinite(ft["elbo"]):
+            raise TrainingDiverged(f"fine-tuning the inference network diverged (ELBO {ft['elbo']}); try a smaller "
+                                   f"--finetune-lr than {o.finetune_lr} (the original: 1e-5 to 3e-5)")
         res.update({f"{key}_finetuned": ft[key] for key in ("elbo", "iwae") if key in ft})
         res.update(finetune_inference_epochs=o.finetune_inference_epochs, finetune_lr=o.finetune_lr,
                    finetune_images=n, bounds="elbo, iwae: the checkpoint's model; elbo_finetuned, iwae_finetuned: "
@@ -276,7 +306,8 @@ def _emit(res: dict, out: str | None) -> None:
     res = strict_json(res)
     print(json.dumps(res))
     if out:
-        Path(out).write_text(json.dumps(res, indent=2))
+        text = json.dumps(res, indent=2).encode()
+        atomic_write(out, lambda f: f.write(text))
 
 
 def _task_of(path: str) -> str:
@@ -289,14 +320,12 @@ def _task_of(path: str) -> str:
 def _eval_inpaint(o: EvalOptions, a: argparse.Namespace, dev: torch.device) -> int:
     """`matnet eval` of an inpainting checkpoint: the imputation NLL, -log p(x^u | x^k) in nats per image over the
     missing pixels (Eq. 6 bound and IWAE bound), on fixed masks seeded with --mask-seed."""
-    from .data import load_dataset
     from .inpaint import evaluate_inpaint, load_inpaint_model
 
     model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
-    data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, val_size=o.val_size, image_size=cfg.image_size,
-                        binarize=cfg.binarize)
+    data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
     n = min(o.n_images or len(data), len(data))
     m = n if o.iwae_images is None else min(o.iwae_images, n)
     t = time.time()
@@ -323,18 +352,20 @@ def _grey(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
 
 
-def _inpaint_data(o: InpaintOptions, a: argparse.Namespace, cfg: MatNetConfig, binary: bool) -> Any:
-    """The images to inpaint: a dataset split, or every image file of --folder resized to the model's size."""
+def _model_data(dataset: str, split: str, a: argparse.Namespace, cfg: MatNetConfig, binary: bool,
+                folder: str | None = None, val_size: int | None = None) -> Any:
+    """A dataset split, or image files (`folder`, or the "folder" dataset) resized to the model's size, made grey
+    for a one-channel model and binarized for a binary one; any other shape mismatch is refused."""
     from .data import ImageDataset, load_dataset, load_image_folder
 
-    if o.folder is None:
-        data = load_dataset(o.dataset or cfg.dataset, o.split, a.data_dir, image_size=cfg.image_size,
+    if folder is None and dataset != "folder":
+        data = load_dataset(dataset, split, a.data_dir, val_size=val_size, image_size=cfg.image_size,
                             binarize=cfg.binarize)
     else:
-        if o.dataset is not None:
-            raise ValueError("give --folder or --dataset, not both")
-        images = load_image_folder(o.folder, cfg.image_size).load_all()
-        images = _grey(images) if cfg.image_channels == 1 else images
+        images = (load_image_folder(folder, cfg.image_size).load_all() if folder is not None else
+                  load_dataset("folder", split, a.data_dir, val_size=val_size, image_size=cfg.image_size,
+                               binarize=None).images)
+        images = _grey(images) if cfg.image_channels == 1 and images.shape[1] == 3 else images
         data = ImageDataset(images, binarize="dynamic" if binary else None, seed=a.seed)
     want = (cfg.image_channels, cfg.image_size, cfg.image_size)
     if tuple(data.shape) != want:
@@ -354,7 +385,9 @@ def cmd_inpaint(a: argparse.Namespace) -> int:
     model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
-    data = _inpaint_data(o, a, cfg, model.dist.binary)
+    if o.folder is not None and o.dataset is not None:
+        raise ValueError("give --folder or --dataset, not both")
+    data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, o.folder)
     g = torch.Generator().manual_seed(a.seed)
     n = min(o.images, len(data))
     pick = torch.randperm(len(data), generator=g)[:n].sort().values  # --seed picks the images, masks and draws
@@ -370,7 +403,6 @@ def cmd_inpaint(a: argparse.Namespace) -> int:
 def cmd_cluster(a: argparse.Namespace) -> int:
     from . import clustering
     from .checkpoint import load_model
-    from .data import load_dataset
     from .train import pick_device
 
     o: ClusterOptions = from_args(ClusterOptions, a)
@@ -384,7 +416,7 @@ def cmd_cluster(a: argparse.Namespace) -> int:
                          "trained with --set prior='\"gmm\"'")
     cfg = model.cfg
     dataset = o.dataset or cfg.dataset
-    data = load_dataset(dataset, o.split, a.data_dir, image_size=cfg.image_size, binarize=cfg.binarize)
+    data = _model_data(dataset, o.split, a, cfg, model.dist.binary)
     n = min(o.n_images or len(data), len(data))
     x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))
     labels = data.labels[:n] if dataset != "folder" else None  # image folders carry no labels

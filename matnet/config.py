@@ -155,8 +155,12 @@ class MatNetConfig:
             raise ValueError("the autoregressive decoder with a Bernoulli output needs 1 channel")
         if self.fc_update not in ("gru", "residual"):
             raise ValueError(f"fc_update must be 'gru' or 'residual', got {self.fc_update!r}")
-        if self.kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {self.kernel_size}")
+        if self.kernel_size < 1 or self.kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {self.kernel_size}")
+        if not (math.isfinite(self.slope) and self.slope >= 0):
+            raise ValueError(f"slope must be a finite number >= 0 (leaky ReLU), got {self.slope}")
+        if not math.isfinite(self.min_log_scale):
+            raise ValueError(f"min_log_scale must be a finite number, got {self.min_log_scale}")
         if not self.fully_connected:
             if not self.modules_per_scale or min(self.modules_per_scale) < 1:
                 raise ValueError(f"modules_per_scale needs positive counts, got {self.modules_per_scale}")
@@ -229,6 +233,17 @@ class MatNetConfig:
         return cls.from_dict({**PRESETS[name], **overrides})
 
 
+def field_default(name: str) -> Any:
+    """A MatNetConfig field's default value."""
+    f = next(f for f in dataclasses.fields(MatNetConfig) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def conditional_fields_set(cfg: MatNetConfig) -> list[str]:
+    """The conditional-MatNet fields that differ from their defaults (they mean nothing to a density model)."""
+    return [n for n in ("stages", "cond_fill", "stage_recon_weight") if getattr(cfg, n) != field_default(n)]
+
+
 def validate_conditional(cfg: MatNetConfig) -> None:
     """Checks of the conditional-MatNet block (normalises cond_fill to a tuple of floats)."""
     if cfg.stages < 1:
@@ -253,8 +268,8 @@ def validate_extensions(cfg: MatNetConfig) -> None:
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-    for name in ("prior_entropy_weight", "prior_refit_step"):
-        if getattr(cfg, name) and cfg.prior != "gmm":
+    for name in ("prior_entropy_weight", "prior_refit_step", "prior_components"):
+        if getattr(cfg, name) != field_default(name) and cfg.prior != "gmm":
             raise ValueError(f"{name} needs the mixture prior (prior='gmm')")
     if cfg.prior_refit_step < 0:
         raise ValueError(f"prior_refit_step must be >= 0, got {cfg.prior_refit_step}")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import plots
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, brief, load_checkpoint
 from .conditional import ConditionalMatNet, FastConditionalMatNet
 from .config import MatNetConfig
 from .data import ImageDataset
@@ -64,7 +64,7 @@ def load_inpaint_model(path: str | os.PathLike, device: str | torch.device = "cp
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not match its config: {e}") from e
+        raise CheckpointError(f"{path}: weights do not match its config: {brief(e)}") from e
     return model.to(device).eval(), {"mask": state.get("mask"), "step": state.get("step")}
 
 

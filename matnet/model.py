@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autoregressive import ARDecoder
-from .config import MatNetConfig
+from .config import MatNetConfig, conditional_fields_set
 from .distributions import make_output_distribution
 from .modules import (
     BUModule,
@@ -72,6 +72,9 @@ class MatNet(UsesOps, nn.Module):
     def __init__(self, cfg: MatNetConfig):
         super().__init__()
         cfg.validate()
+        if conditional_fields_set(cfg):
+            raise ValueError(f"{', '.join(conditional_fields_set(cfg))} configure a conditional MatNet "
+                             "(ConditionalMatNet; matnet train --task inpaint), not a density model")
         self.cfg = cfg
         s, k = cfg.slope, cfg.kernel_size
         if cfg.fully_connected:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .checkpoint import atomic_write
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, signed: bool | None = None) -> np.ndarray:
@@ -36,8 +37,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     img = Image.fromarray(image_grid(images, nrow, signed=signed))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -90,7 +90,7 @@ def plot_kl_per_module(rows: list[dict], groups: list[tuple[str, int]], path: st
     ax.set_ylim(0, None)
     ax.legend(title="meta module\n(top-down)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -118,7 +118,7 @@ def plot_nll(rows: list[dict], path: str | os.PathLike, unit: str = "nats") -> N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
 
 
@@ -148,8 +148,7 @@ def save_image_rows(rows: list[torch.Tensor], path: str | os.PathLike, pad: int 
     img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def save_inpaint_grid(x: torch.Tensor, mask: torch.Tensor, imputations: torch.Tensor, path: str | os.PathLike,

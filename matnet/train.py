@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, plots
-from .checkpoint import DiskFullError, RunLock, load_checkpoint, remove_stale_temps, save_checkpoint
+from .checkpoint import DiskFullError, RunLock, atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint
 from .config import MatNetConfig, check_field_types
 from .data import HFLIP_DATASETS, BatchLoader, ImageDataset, load_dataset
 from .distributed import Rows
@@ -187,7 +187,8 @@ class TrainOptions:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("log_every", "eval_every", "iwae_k", "iwae_images", "ckpt_every", "sample_every", "threads"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{flag(name)} must be >= 0 (0: off), got {getattr(self, name)}")
+                zero = "torch's default" if name == "threads" else "off"
+                raise ValueError(f"{flag(name)} must be >= 0 (0: {zero}), got {getattr(self, name)}")
         if self.val_size is not None and self.val_size < 0:
             raise ValueError(f"--val-size must be >= 0, got {self.val_size}")
         if not 0.0 < self.max_skip_fraction <= 1.0:
@@ -534,10 +535,14 @@ class Trainer:
         self.device = distributed.rank_device(pick_device(opts.device))
         self.ckpt_path = self.out / "checkpoint.pt"
         resume = load_checkpoint(self.ckpt_path) if opts.resume and self.ckpt_path.exists() else None
-        if resume is not None:  # the run's own config wins: everything below is built from it
+        if resume is not None:  # a run resumes with its own config: asking for another is an error, not a switch
             saved = MatNetConfig.from_dict(resume["config"])
-            if saved.to_dict() != cfg.to_dict():
-                log.warning("resuming %s: using the checkpoint's config, not the one given", self.ckpt_path)
+            old, new = saved.to_dict(), cfg.to_dict()
+            diff = [f"{k}={new[k]!r} (the run's: {old[k]!r})" for k in old if old[k] != new[k]]
+            if diff:
+                raise ValueError(f"{self.ckpt_path} was trained with another config: {', '.join(diff[:4])}"
+                                 f"{' ...' if len(diff) > 4 else ''}; re-run the run's own command to resume, or "
+                                 "give a new --out (--no-resume starts this folder over)")
             cfg = saved
         self.cfg = cfg
         task, mask = resolve(opts.task, opts.mask, resume, self.out)
@@ -553,6 +558,10 @@ class Trainer:
         if tuple(shape) != want:
             raise ValueError(f"dataset {cfg.dataset!r} has images of shape {tuple(shape)} "
                              f"but the config expects {want}")
+        refit_rows = min(PRIOR_REFIT_IMAGES, len(self.train_data))
+        if cfg.prior_refit_step and cfg.prior_components > refit_rows:
+            raise ValueError(f"prior_refit_step clusters {refit_rows} training images into prior_components="
+                             f"{cfg.prior_components} components: give at most {refit_rows}")
         world = distributed.world()
         if cfg.batch_size % opts.grad_accum:
             raise ValueError(f"--grad-accum {opts.grad_accum} must divide the batch size {cfg.batch_size}")
@@ -581,12 +590,20 @@ class Trainer:
         self.skipped = 0
         self.last_skipped = False
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
+        self.probe: tuple[torch.Tensor, ...] | None = None  # the last step's inputs: save() checks the weights on them
         self.guard = SkipGuard(opts.max_skips, opts.skip_window, opts.max_skip_fraction)
+        for name, step in (("prior_refit_step", cfg.prior_refit_step),
+                           ("infer_reg_start", cfg.infer_reg_start if cfg.infer_reg_weight else 0)):
+            if step >= self.total and self.is_main:
+                log.warning("%s=%d is not before --steps %d: it never takes effect in this run", name, step, self.total)
         if resume is not None:
             self.load_state(resume)
+            if self.step > self.total:
+                raise ValueError(f"the run in {self.out} is already at step {self.step}, past --steps {self.total}")
         if self.is_main:
             self._trim_metrics()
-            (self.out / "config.json").write_text(self.cfg.to_json())
+            text = self.cfg.to_json().encode()
+            atomic_write(self.out / "config.json", lambda f: f.write(text))
 
     def _distribute(self) -> None:
         """With several processes: check that they all start from the same state (each read the checkpoint
@@ -676,7 +693,8 @@ class Trainer:
         if not path.exists():
             return
         rows = [r for r in read_rows(path) if r.get("step", 0) <= self.step] if self.step else []
-        path.write_text("".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows))
+        text = "".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows).encode()
+        atomic_write(path, lambda f: f.write(text))
 
     # ---- checkpointing ----
     def state(self) -> dict:
@@ -702,12 +720,16 @@ class Trainer:
         return f"the last good checkpoint {self.ckpt_path} (step {self.saved_step}) is kept"
 
     def save(self) -> None:
-        """Checkpoint, unless a weight is non-finite: good weights are never replaced by broken ones."""
+        """Checkpoint, unless a weight is non-finite or the weights give a non-finite loss on the last batch:
+        good weights are never replaced by broken ones."""
         nets = [self.model] + ([self.ema] if self.ema is not None else [])
         bad = [n for net in nets for n, p in net.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise TrainingDiverged(f"training stopped at step {self.step}: non-finite weights in {bad[:3]}; "
                                    f"not saved; {self._kept()}")
+        if distributed.any_true(not self._finite_on_probe()):
+            raise TrainingDiverged(f"training stopped at step {self.step}: the weights give a non-finite loss on "
+                                   f"the last batch; not saved; {self._kept()}")
         if self.sharded:  # noise is drawn for the global batch on every rank: their states must agree
             distributed.check_same(self._fingerprint(), "the weights and RNG states")
         err: Exception | None = None
@@ -718,6 +740,16 @@ class Trainer:
                 err = e
         distributed.agree(err, "writing the checkpoint")  # no rank goes on (or exits) before rank 0's file is written
         self.saved_step = self.step
+
+    @torch.no_grad()
+    def _finite_on_probe(self) -> bool:
+        """The loss of the current weights on the last step's inputs is finite (finite weights can still overflow
+        every forward). Under a forked RNG: the run's random streams, and so exact resume, are untouched."""
+        if self.probe is None:
+            return True
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return bool(torch.isfinite(self.model(*self.probe).loss))
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -745,7 +777,8 @@ class Trainer:
         kl_w = min(1.0, (self.step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps else 1.0
         lr = apply_schedule(self.opt, self.step, self.total, self.base_lr, cfg, o.warmup_steps)  # lr and beta1
         self.opt.zero_grad(set_to_none=True)
-        outs = self.accumulate_grads(self.inputs(x), kl_w)
+        self.probe = self.inputs(x)
+        outs = self.accumulate_grads(self.probe, kl_w)
         loss = sum(out.loss.item() for out in outs) / len(outs)  # equal parts: the mean of means
         reg = self.inference_regularizer_grads(cfg.batch_size)
         if self.scaler is not None:
@@ -997,11 +1030,15 @@ class Trainer:
             clock.step_took(time.monotonic() - tick)
         bar.close()
         self.save()
+        if self.skipped and self.is_main:
+            log.warning("%d of the run's %d updates were skipped (non-finite loss or gradient, or grad norm above "
+                        "skip_threshold)", self.skipped, self.step)
+        summary = {**last, "step": self.step, "skipped": self.skipped}
         if self.step < self.total:
-            return last
+            return summary
         self.save_samples(self.out / "samples.png")
         self.save_plots()
-        return last
+        return summary
 
     def timed_save(self, clock: WallClock) -> None:
         t = time.monotonic()
@@ -1049,7 +1086,8 @@ class Trainer:
 
 
 def train(cfg: MatNetConfig, opts: TrainOptions) -> dict:
-    """Train (or resume) a MatNet; returns the last validation row. Under torchrun every process calls this
+    """Train (or resume) a MatNet; returns the last validation row, the final step and the number of skipped
+    updates. Under torchrun every process calls this
     and it joins the process group for the run (see matnet.distributed)."""
     with distributed.session(opts.device):
         return Trainer(cfg, opts).run()

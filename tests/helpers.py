@@ -21,7 +21,19 @@ import torch
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAVE_TRITON = importlib.util.find_spec("triton") is not None and importlib.util.find_spec("matnet.kernels") is not None
+
+
+def _have_kernels() -> bool:
+    """matnet.kernels importable (an import, not find_spec: from a checkout on PYTHONPATH the package is mapped
+    while matnet imports, which find_spec does not see)."""
+    try:
+        importlib.import_module("matnet.kernels")
+    except ImportError:
+        return False
+    return True
+
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None and _have_kernels()
 REQUIRE_CUDA = os.environ.get("MATNET_REQUIRE_CUDA") == "1"
 GPU_SKIP = "[gpu] "  # reasons starting with it fail under MATNET_REQUIRE_CUDA=1
 LOWP = [torch.float16, torch.bfloat16]

@@ -297,6 +297,14 @@ def test_config_validation(kw, msg):
         matnet.MatNetConfig.preset("tiny", **kw)
 
 
+@pytest.mark.parametrize("kw", [dict(stages=2), dict(cond_fill=(0.3,)), dict(stage_recon_weight=0.0)])
+def test_density_model_refuses_conditional_fields(kw):
+    """A field only a conditional MatNet reads is an error on a density model, not silently ignored."""
+    with pytest.raises(ValueError, match=f"{next(iter(kw))} configure a conditional MatNet"):
+        matnet.MatNet(CASES["tiny"].replace(**kw))
+    matnet.ConditionalMatNet(CASES["tiny"].replace(**kw))
+
+
 def test_config_round_trip_and_fill():
     cfg = matnet.MatNetConfig.preset("cifar10", stages=2, cond_fill=[0.1, -0.2, 0.3])
     assert cfg.cond_fill == (0.1, -0.2, 0.3)

@@ -186,3 +186,9 @@ def test_cluster_writes_a_grid_and_the_accuracy(fake_mnist, tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= res["accuracy"] <= 1.0 and res["images"] == 40 and res["n_components"] == 3
     assert Image.open(out).size[0] > 28 and out.stat().st_size > 200
+    # RGB files clustered by this grey, binary model: made grey and binarized as it reads them; no labels
+    _write_pngs(tmp_path / "pics", 6, np.random.default_rng(1))
+    assert cli.main(["cluster", ck, "--dataset", "folder", "--data-dir", str(tmp_path / "pics"), "--split", "train",
+                     "--out", str(out)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["images"] == 6 and "accuracy" not in res

@@ -221,6 +221,7 @@ def test_parse_mask_spec(spec, expected):
         ("drop:1.5", "[0, 1]"),
         ("drop:-0.1", "[0, 1]"),
         ("drop:nan", "finite"),
+        ("drop:0", "hides no pixel"),
     ],
 )
 def test_bad_specs_are_rejected_in_one_line(spec, problem):

@@ -11,6 +11,7 @@ from torch import distributions as D
 
 import matnet
 from matnet.clustering import cluster_accuracy, cluster_report, kmeans
+from matnet.config import field_default
 from matnet.modules import MixturePrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: threads only spin against each other
@@ -124,7 +125,7 @@ def test_log_weight_uses_the_exact_mixture_density():
     from the same noise (z0's noise is the first draw of a forward pass), with the weights shared by a
     normal-prior twin so only the z0 term differs."""
     gmm = matnet.MatNet(GMM).double()
-    normal = matnet.MatNet(GMM.replace(prior="normal")).double()
+    normal = matnet.MatNet(GMM.replace(prior="normal", prior_components=field_default("prior_components"))).double()
     normal.load_state_dict(gmm.state_dict(), strict=False)
     x = random_data(GMM, 4).double()
     out_g, out_n = _seeded(3, gmm, x, return_log_weight=True), _seeded(3, normal, x, return_log_weight=True)
@@ -321,3 +322,15 @@ def test_fast_matches_reference(cfg):
     outs = [{k: getattr(o, k) for k in ("loss", "kl", "recon_nll")} for o, _ in runs]
     assert_all_within_ref_error("output", *outs)
     assert_all_within_ref_error("grad", *[g for _, g in runs])
+
+
+def test_more_components_than_refit_images_is_refused_at_setup(tmp_path):
+    from test_train import _opts, _tiny, make_fake_mnist
+
+    from matnet.train import Trainer
+
+    (tmp_path / "mnist").mkdir()
+    data = make_fake_mnist(tmp_path / "mnist")
+    opts = _opts(tmp_path / "a", data, steps=4, eval_every=0)
+    with pytest.raises(ValueError, match=r"prior_refit_step clusters \d+ training images into prior_components"):
+        Trainer(_tiny(prior="gmm", prior_components=100_000, prior_refit_step=2), opts)

@@ -217,8 +217,11 @@ def test_fresh_run_restarts_the_metrics_log(tmp_path, fake_mnist):
 
 def test_resume_keeps_the_runs_own_config_and_schedule(tmp_path, fake_mnist):
     Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=6)).run(until=3)
-    tr = Trainer(_tiny(channels=4), _opts(tmp_path, fake_mnist, steps=None))
+    with pytest.raises(ValueError, match=r"another config: channels=4 \(the run's: 8\)"):
+        Trainer(_tiny(channels=4), _opts(tmp_path, fake_mnist, steps=None))
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=None))
     assert tr.cfg.channels == 8 and tr.total == 6 and tr.step == 3
+    tr.close()
 
 
 def test_unknown_config_override_is_a_value_error():

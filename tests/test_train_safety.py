@@ -132,6 +132,44 @@ def test_non_finite_weights_are_never_saved(tmp_path, fake_mnist):
     assert (tmp_path / "checkpoint.pt").read_bytes() == good
 
 
+def test_weights_whose_loss_overflows_are_never_saved(tmp_path, fake_mnist):
+    """Finite weights can still give a non-finite loss on every batch (e.g. after an update at a huge lr): such a
+    state is not a good checkpoint either, and checking it draws nothing from the run's RNG."""
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=6, eval_every=0, ckpt_every=0))
+    tr.run(until=1)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=6, eval_every=0, ckpt_every=0))
+    tr.train_step(next(tr.loader.forever()))
+    state = torch.get_rng_state()
+    tr.save()  # healthy: saved, RNG untouched
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.no_grad():
+        tr.model.out.weight.fill_(3e38)  # finite, but every logit overflows
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    saved = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(TrainingDiverged, match="non-finite loss"):
+        tr.save()
+    tr.close()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == saved != good
+
+
+def test_resuming_with_another_config_or_past_its_steps_is_refused(tmp_path, fake_mnist, capsys):
+    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "2")) == 0
+    capsys.readouterr()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "3", "--set", "slope=0.2")) == 2
+    assert "slope=0.2 (the run's: 0.1)" in _one_error_line(capsys.readouterr().err)
+    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "1")) == 2
+    assert "already at step 2, past --steps 1" in _one_error_line(capsys.readouterr().err)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_skipped_updates_are_reported(tmp_path, fake_mnist, capsys, caplog):
+    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "2", "--set", "skip_threshold=1e-9")) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == {"step": 2, "skipped": 2}
+    assert "2 of the run's 2 updates were skipped" in caplog.text
+
+
 # ---- 2. checkpoints ----
 
 def test_flipped_byte_is_refused_by_name_and_never_overwritten(tmp_path, fake_mnist, capsys):
@@ -334,6 +372,11 @@ def trained(tmp_path_factory, fake_mnist):
     (["eval", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["sample", "--n", "0"], "--n must be >= 1"),
     (["sample", "--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["sample", "--out", "."], "is a folder"),
+    (["sample", "--out", "grid.jpg"], "must end in .png"),
+    (["eval", "--out", "."], "is a folder"),
+    (["eval", "--finetune-lr", "1e39"], "--finetune-lr must be a number in (0, 1]"),
+    (["eval", "--finetune-lr", "1e-4"], "--finetune-lr needs --finetune-inference-epochs"),
 ])
 def test_bad_eval_and_sample_values_are_one_line_errors(trained, fake_mnist, argv, says, capsys):
     rc = cli.main([argv[0], str(trained), "--data-dir", fake_mnist, *argv[1:]])
@@ -352,7 +395,10 @@ def test_config_validate_checks_lr_grad_clip_and_types():
     for bad, says in ((dict(lr=float("nan")), "lr"), (dict(lr=-1e-3), "lr"), (dict(grad_clip=0), "grad_clip"),
                       (dict(channels=8.0), "channels must be int"), (dict(ema_rate="0.9"), "ema_rate must be float"),
                       (dict(fully_connected=1), "fully_connected must be bool"),
-                      (dict(adam_betas=(0.9, 1.0)), "betas")):
+                      (dict(adam_betas=(0.9, 1.0)), "betas"), (dict(slope=float("nan")), "slope"),
+                      (dict(slope=-0.1), "slope"), (dict(kernel_size=-1), "kernel_size"),
+                      (dict(min_log_scale=float("nan")), "min_log_scale"),
+                      (dict(prior_components=10), "prior_components needs the mixture prior")):
         with pytest.raises(ValueError, match=says):
             matnet.MatNetConfig.preset("tiny", **bad)
     assert matnet.MatNetConfig.preset("tiny", lr=1).lr == 1  # an int is a fine float
@@ -367,3 +413,23 @@ def test_progress_bars_refresh_rarely_into_a_log_file(capsys):
     bar = progress_bar(total=10, disable=False)
     assert bar.mininterval == PROGRESS_INTERVAL_NOT_TTY >= 2
     bar.close()
+
+
+def test_outputs_are_written_atomically(tmp_path, monkeypatch):
+    """A PNG or JSON write that fails half-way leaves the previous file whole, and the error names the file."""
+    from PIL import Image
+
+    from matnet.plots import save_image_grid
+
+    png = tmp_path / "grid.png"
+    save_image_grid(torch.rand(4, 1, 8, 8), png)
+    good = png.read_bytes()
+
+    def torn(self, f, *a, **k):
+        f.write(b"\x89PNG partial")
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(Image.Image, "save", torn)
+    with pytest.raises(OSError, match=f"could not write {png}"):
+        save_image_grid(torch.rand(4, 1, 8, 8), png)
+    assert png.read_bytes() == good and os.listdir(tmp_path) == ["grid.png"]
