@@ -9,12 +9,13 @@ previous checkpoint untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -50,25 +51,40 @@ def _write(f: BinaryIO, data: bytes) -> None:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], what: str = "file") -> None:
     """Run `write` on a temp file beside `path`, then fsync and rename it over `path`: a crash, a full disk or a
-    failed write leaves the previous file whole. Errors name the file (DiskFullError for ENOSPC / EDQUOT)."""
+    failed write leaves the previous file whole. The file gets the mode a plain open() would give (or the
+    replaced file's). Errors name the file (DiskFullError for ENOSPC / EDQUOT)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
+    tmp: str | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
+        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())  # mkstemp: 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             kept = f"the previous {what} is kept" if path.exists() else f"no {what} was written"
             raise DiskFullError(e.errno, f"disk full while writing {path} ({os.strerror(e.errno)}); {kept}") from e
         if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, f"could not write {path}: {os.strerror(e.errno)}") from e
+            raise OSError(e.errno, f"could not write {path}: {e}") from e
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`atomic_write` of a text file (UTF-8)."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -175,19 +191,29 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", fast
     from . import MatNet
 
     state = load_checkpoint(path)
-    cfg = MatNetConfig.from_dict(state["config"])
-    if fast:
-        from . import FastMatNet
+    with config_errors_name(path):
+        cfg = MatNetConfig.from_dict(state["config"])
+        if fast:
+            from . import FastMatNet
 
-        model = FastMatNet(cfg)
-    else:
-        model = MatNet(cfg)
+            model = FastMatNet(cfg)
+        else:
+            model = MatNet(cfg)
     weights = state["ema"] if ema and state.get("ema") is not None else state["model"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: weights do not match its config: {brief(e)}") from e
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def config_errors_name(path: str | os.PathLike) -> Iterator[None]:
+    """A checkpoint whose config this version refuses: one error naming the file."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its config is not valid in this version: {brief(e)}") from e
 
 
 def brief(e: Exception, limit: int = 300) -> str:

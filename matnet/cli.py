@@ -24,14 +24,15 @@ from typing import Any, NoReturn
 import torch
 
 from . import distributed
-from .checkpoint import atomic_write
-from .config import PRESETS, MatNetConfig, check_field_types
+from .checkpoint import atomic_write_text
+from .config import PRESETS, MatNetConfig, check_field_types, field_default
 from .masks import SPEC_FORMS, parse_mask_spec
 from .train import EXIT_DIVERGED, EXIT_TIME_LIMIT, EXIT_USAGE, TrainOptions, strict_json
 
 log = logging.getLogger("matnet.cli")
 
 # config fields with a flag of their own (any field can be set with --set KEY=JSON)
+MAX_GRID_COLUMNS = 100  # inpaint --n: one grid row holds n + 2 images; wider PNGs are refused by viewers
 CONFIG_FLAGS = ("dataset", "batch_size", "lr", "channels", "kl_warmup_steps", "ema_rate", "ar_layers")
 # TrainOptions fields that eval and sample take too
 COMMON = ("device", "data_dir", "seed", "threads", "ops")
@@ -73,8 +74,7 @@ class EvalOptions:
             parse_mask_spec(self.mask)
         if not (math.isfinite(self.finetune_lr) and 0 < self.finetune_lr <= 1):
             raise ValueError(f"--finetune-lr must be a number in (0, 1], got {self.finetune_lr}")
-        if self.finetune_lr != EvalOptions.__dataclass_fields__["finetune_lr"].default and not \
-                self.finetune_inference_epochs:
+        if self.finetune_lr != field_default("finetune_lr", EvalOptions) and not self.finetune_inference_epochs:
             raise ValueError("--finetune-lr needs --finetune-inference-epochs N (fine-tuning is off by default)")
         _check_out(self.out)
 
@@ -92,7 +92,7 @@ class SampleOptions:
         _at_least(self, {"n": 1})
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
-        _check_out(self.out, ".png")
+        _check_out(self.out, image=True)
 
 
 @dataclass
@@ -113,7 +113,7 @@ class InpaintOptions:
     def __post_init__(self) -> None:
         check_field_types(self)
         _at_least(self, {"n": 1, "images": 1})
-        if self.n > MAX_GRID_COLUMNS:  # one row of n + 2 images: wider grids make PNGs that viewers refuse
+        if self.n > MAX_GRID_COLUMNS:
             raise ValueError(f"--n must be <= {MAX_GRID_COLUMNS} (one grid row per image), got {self.n}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
@@ -121,7 +121,7 @@ class InpaintOptions:
             parse_mask_spec(self.mask)
         if self.folder is not None and not self.folder.strip():
             raise ValueError("--folder is empty: give a folder of image files")
-        _check_out(self.out, ".png")
+        _check_out(self.out, image=True)
 
 
 @dataclass
@@ -136,23 +136,25 @@ class ClusterOptions:
     def __post_init__(self) -> None:
         check_field_types(self)
         _at_least(self, {"n_images": 1})
-        _check_out(self.out, ".png")
+        _check_out(self.out, image=True)
 
 
-MAX_GRID_COLUMNS = 100
-
-
-def _check_out(path: str | None, suffix: str | None = None) -> None:
-    """--out names a file (ending in `suffix` when given); missing folders above it are created when writing."""
+def _check_out(path: str | None, image: bool = False) -> None:
+    """--out names a file (an image PIL can write, with `image`); missing folders above it are created when
+    writing."""
     if path is None:
         return
     p = Path(path)
-    if not path.strip() or p.is_dir() or path.endswith(("/", os.sep)):
-        raise ValueError(f"--out {path!r} is a folder; give a file path" + (f" ending in {suffix}" if suffix else ""))
-    if suffix and p.suffix.lower() != suffix:
-        raise ValueError(f"--out {path!r} must end in {suffix}")
+    if not path.strip():
+        raise ValueError("--out is empty: give a file path")
+    if p.is_dir() or path.endswith(("/", os.sep)):
+        raise ValueError(f"--out {path!r} is a folder; give a file path" + (" such as grid.png" if image else ""))
     if any(q.exists() and not q.is_dir() for q in p.parents):
         raise ValueError(f"--out {path!r}: a folder on its path is a file")
+    if image:
+        from .plots import image_format
+
+        image_format(path)
 
 
 def _at_least(opts: Any, lows: dict[str, int]) -> None:
@@ -260,11 +262,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
         tuned = finetune_inference(model, data, n, o.finetune_inference_epochs, o.finetune_lr, o.batch_size,
                                    seed=a.seed, device=dev, progress=True)
+        elbo = evaluate(tuned, data, n, 0, 0, batch_size=o.batch_size, seed=a.seed, device=dev)["elbo"]
+        if not math.isfinite(elbo):  # before the long IWAE pass
+            raise TrainingDiverged(f"fine-tuning the inference network diverged (ELBO {elbo}); try a smaller "
+                                   f"--finetune-lr than {o.finetune_lr} (the original: 1e-5 to 3e-5)")
         ft = evaluate(tuned, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev, progress=True,
                       chunk=o.chunk)
-        if not math.isfinite(ft["elbo"]):
-            raise TrainingDiverged(f"fine-tuning the inference network diverged (ELBO {ft['elbo']}); try a smaller "
-                                   f"--finetune-lr than {o.finetune_lr} (the original: 1e-5 to 3e-5)")
         res.update({f"{key}_finetuned": ft[key] for key in ("elbo", "iwae") if key in ft})
         res.update(finetune_inference_epochs=o.finetune_inference_epochs, finetune_lr=o.finetune_lr,
                    finetune_images=n, bounds="elbo, iwae: the checkpoint's model; elbo_finetuned, iwae_finetuned: "
@@ -306,8 +309,7 @@ def _emit(res: dict, out: str | None) -> None:
     res = strict_json(res)
     print(json.dumps(res))
     if out:
-        text = json.dumps(res, indent=2).encode()
-        atomic_write(out, lambda f: f.write(text))
+        atomic_write_text(out, json.dumps(res, indent=2))
 
 
 def _task_of(path: str) -> str:
@@ -356,7 +358,7 @@ def _model_data(dataset: str, split: str, a: argparse.Namespace, cfg: MatNetConf
                 folder: str | None = None, val_size: int | None = None) -> Any:
     """A dataset split, or image files (`folder`, or the "folder" dataset) resized to the model's size, made grey
     for a one-channel model and binarized for a binary one; any other shape mismatch is refused."""
-    from .data import ImageDataset, load_dataset, load_image_folder
+    from .data import FIXED_BINARIZE_SEED, ImageDataset, load_dataset, load_image_folder
 
     if folder is None and dataset != "folder":
         data = load_dataset(dataset, split, a.data_dir, val_size=val_size, image_size=cfg.image_size,
@@ -366,7 +368,8 @@ def _model_data(dataset: str, split: str, a: argparse.Namespace, cfg: MatNetConf
                   load_dataset("folder", split, a.data_dir, val_size=val_size, image_size=cfg.image_size,
                                binarize=None).images)
         images = _grey(images) if cfg.image_channels == 1 and images.shape[1] == 3 else images
-        data = ImageDataset(images, binarize="dynamic" if binary else None, seed=a.seed)
+        mode = cfg.binarize if binary and cfg.binarize != "auto" else "dynamic" if binary else None
+        data = ImageDataset(images, binarize=mode, seed=FIXED_BINARIZE_SEED if mode == "fixed" else a.seed)
     want = (cfg.image_channels, cfg.image_size, cfg.image_size)
     if tuple(data.shape) != want:
         raise ValueError(f"the images have shape {tuple(data.shape)} but the model expects {want}")

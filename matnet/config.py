@@ -233,9 +233,9 @@ class MatNetConfig:
         return cls.from_dict({**PRESETS[name], **overrides})
 
 
-def field_default(name: str) -> Any:
-    """A MatNetConfig field's default value."""
-    f = next(f for f in dataclasses.fields(MatNetConfig) if f.name == name)
+def field_default(name: str, cls: type | None = None) -> Any:
+    """A dataclass field's default value (of MatNetConfig unless `cls` is given)."""
+    f = next(f for f in dataclasses.fields(cls or MatNetConfig) if f.name == name)
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 

@@ -68,7 +68,7 @@ class Gaussian(OutputDistribution):
         return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)).clamp(-1, 1)  # data space is [-1, 1]
 
     def mean(self, params):
-        return params.chunk(2, dim=1)[0]
+        return params.chunk(2, dim=1)[0].clamp(-1, 1)
 
 
 class DiscretizedLogistic(OutputDistribution):

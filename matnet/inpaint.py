@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import plots
-from .checkpoint import CheckpointError, brief, load_checkpoint
+from .checkpoint import CheckpointError, brief, config_errors_name, load_checkpoint
 from .conditional import ConditionalMatNet, FastConditionalMatNet
 from .config import MatNetConfig
 from .data import ImageDataset
@@ -59,7 +59,8 @@ def load_inpaint_model(path: str | os.PathLike, device: str | torch.device = "cp
     if checkpoint_task(state) != "inpaint":
         raise ValueError(f"{path} is a density model (trained with --task density); "
                          "this needs a model trained with --task inpaint --mask SPEC")
-    model = build_model(MatNetConfig.from_dict(state["config"]), fast)
+    with config_errors_name(path):
+        model = build_model(MatNetConfig.from_dict(state["config"]), fast)
     weights = state["ema"] if ema and state.get("ema") is not None else state["model"]
     try:
         model.load_state_dict(weights)

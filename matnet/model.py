@@ -73,8 +73,8 @@ class MatNet(UsesOps, nn.Module):
         super().__init__()
         cfg.validate()
         if conditional_fields_set(cfg):
-            raise ValueError(f"{', '.join(conditional_fields_set(cfg))} configure a conditional MatNet "
-                             "(ConditionalMatNet; matnet train --task inpaint), not a density model")
+            raise ValueError(f"{conditional_fields_set(cfg)} are conditional-MatNet settings (ConditionalMatNet; "
+                             "matnet train --task inpaint), not a density model's")
         self.cfg = cfg
         s, k = cfg.slope, cfg.kernel_size
         if cfg.fully_connected:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,13 +32,26 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, sign
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+def image_format(path: str | os.PathLike) -> str:
+    """PIL's format for the file's suffix (.png, .jpg, ...); ValueError for one it cannot write."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path}: not an image file name PIL can write (e.g. .png)")
+    return fmt
+
+
+def _save_image(img: Image.Image, path: str | os.PathLike) -> None:
+    fmt = image_format(path)
+    atomic_write(path, lambda f: img.save(f, format=fmt))
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
                     scale: int = 2, signed: bool | None = None) -> None:
     """Save a PNG grid, upscaled `scale` times with nearest-neighbour so small images stay crisp."""
     img = Image.fromarray(image_grid(images, nrow, signed=signed))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    _save_image(img, path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -90,8 +104,10 @@ def plot_kl_per_module(rows: list[dict], groups: list[tuple[str, int]], path: st
     ax.set_ylim(0, None)
     ax.legend(title="meta module\n(top-down)", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:].lower() or "png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_nll(rows: list[dict], path: str | os.PathLike, unit: str = "nats") -> None:
@@ -118,8 +134,10 @@ def plot_nll(rows: list[dict], path: str | os.PathLike, unit: str = "nats") -> N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:].lower() or "png"))
+    finally:
+        plt.close(fig)
 
 
 MISSING_RGB = (0.2, 0.45, 1.0)  # occluded pixels in inpainting grids: a blue no grey-level image has
@@ -148,7 +166,7 @@ def save_image_rows(rows: list[torch.Tensor], path: str | os.PathLike, pad: int 
     img = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    atomic_write(path, lambda f: img.save(f, format="PNG"))
+    _save_image(img, path)
 
 
 def save_inpaint_grid(x: torch.Tensor, mask: torch.Tensor, imputations: torch.Tensor, path: str | os.PathLike,

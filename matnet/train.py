@@ -42,7 +42,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed, plots
-from .checkpoint import DiskFullError, RunLock, atomic_write, load_checkpoint, remove_stale_temps, save_checkpoint
+from .checkpoint import (
+    DiskFullError,
+    RunLock,
+    atomic_write_text,
+    config_errors_name,
+    load_checkpoint,
+    remove_stale_temps,
+    save_checkpoint,
+)
 from .config import MatNetConfig, check_field_types
 from .data import HFLIP_DATASETS, BatchLoader, ImageDataset, load_dataset
 from .distributed import Rows
@@ -536,18 +544,20 @@ class Trainer:
         self.ckpt_path = self.out / "checkpoint.pt"
         resume = load_checkpoint(self.ckpt_path) if opts.resume and self.ckpt_path.exists() else None
         if resume is not None:  # a run resumes with its own config: asking for another is an error, not a switch
-            saved = MatNetConfig.from_dict(resume["config"])
+            with config_errors_name(self.ckpt_path):
+                saved = MatNetConfig.from_dict(resume["config"])
             old, new = saved.to_dict(), cfg.to_dict()
             diff = [f"{k}={new[k]!r} (the run's: {old[k]!r})" for k in old if old[k] != new[k]]
             if diff:
                 raise ValueError(f"{self.ckpt_path} was trained with another config: {', '.join(diff[:4])}"
                                  f"{' ...' if len(diff) > 4 else ''}; re-run the run's own command to resume, or "
-                                 "give a new --out (--no-resume starts this folder over)")
+                                 "give a new --out (--no-resume starts over, overwriting this run)")
             cfg = saved
         self.cfg = cfg
         task, mask = resolve(opts.task, opts.mask, resume, self.out)
         self.task = InpaintTask(mask, cfg.image_size, opts.seed) if task == "inpaint" else None  # None: density
-        # an explicit --steps may lengthen or shorten a resumed run; otherwise its own schedule holds
+        # an explicit --steps may lengthen a resumed run (or end it earlier, not below the step reached);
+        # otherwise its own schedule holds
         self.total = opts.steps or (resume or {}).get("total_steps") or cfg.steps
         torch.manual_seed(opts.seed)
         kw = dict(val_size=opts.val_size, image_size=cfg.image_size, binarize=cfg.binarize)  # fixed: one seed, always
@@ -595,15 +605,14 @@ class Trainer:
         for name, step in (("prior_refit_step", cfg.prior_refit_step),
                            ("infer_reg_start", cfg.infer_reg_start if cfg.infer_reg_weight else 0)):
             if step >= self.total and self.is_main:
-                log.warning("%s=%d is not before --steps %d: it never takes effect in this run", name, step, self.total)
+                log.warning("%s=%d is not before the run's last step %d: it never takes effect", name, step, self.total)
         if resume is not None:
             self.load_state(resume)
             if self.step > self.total:
                 raise ValueError(f"the run in {self.out} is already at step {self.step}, past --steps {self.total}")
         if self.is_main:
             self._trim_metrics()
-            text = self.cfg.to_json().encode()
-            atomic_write(self.out / "config.json", lambda f: f.write(text))
+            atomic_write_text(self.out / "config.json", self.cfg.to_json())
 
     def _distribute(self) -> None:
         """With several processes: check that they all start from the same state (each read the checkpoint
@@ -693,8 +702,7 @@ class Trainer:
         if not path.exists():
             return
         rows = [r for r in read_rows(path) if r.get("step", 0) <= self.step] if self.step else []
-        text = "".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows).encode()
-        atomic_write(path, lambda f: f.write(text))
+        atomic_write_text(path, "".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows))
 
     # ---- checkpointing ----
     def state(self) -> dict:
@@ -747,9 +755,13 @@ class Trainer:
         every forward). Under a forked RNG: the run's random streams, and so exact resume, are untouched."""
         if self.probe is None:
             return True
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return bool(torch.isfinite(self.model(*self.probe).loss))
+        parts = zip(*(t.chunk(self.opts.grad_accum) for t in self.probe))  # --grad-accum's memory, not more
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self._autocast():
+            return all(bool(torch.isfinite(self.model(*part).loss)) for part in parts)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """--precision's autocast around a forward pass (a no-op for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def load_state(self, st: dict) -> None:
         self.model.load_state_dict(st["model"])
@@ -777,8 +789,8 @@ class Trainer:
         kl_w = min(1.0, (self.step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps else 1.0
         lr = apply_schedule(self.opt, self.step, self.total, self.base_lr, cfg, o.warmup_steps)  # lr and beta1
         self.opt.zero_grad(set_to_none=True)
-        self.probe = self.inputs(x)
-        outs = self.accumulate_grads(self.probe, kl_w)
+        inputs = self.inputs(x)
+        outs = self.accumulate_grads(inputs, kl_w)
         loss = sum(out.loss.item() for out in outs) / len(outs)  # equal parts: the mean of means
         reg = self.inference_regularizer_grads(cfg.batch_size)
         if self.scaler is not None:
@@ -790,6 +802,7 @@ class Trainer:
         skip = (not math.isfinite(gnorm) or not math.isfinite(loss)
                 or (cfg.skip_threshold > 0 and gnorm > cfg.skip_threshold))
         self.last_skipped = skip
+        self.probe = self.probe if skip else inputs  # save() checks the weights on an applied step's batch
         if skip:  # VDVAE-style: a non-finite or huge gradient never reaches the weights (nor the EMA)
             self.skipped += 1
         else:
@@ -854,8 +867,7 @@ class Trainer:
         if not cfg.infer_reg_weight or self.step < cfg.infer_reg_start:
             return None
         rows = distributed.shard(n) if self.sharded else None
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None), \
-                self._sample_rows(rows):
+        with self._autocast(), self._sample_rows(rows):
             reg = inference_regularizer(self.model, n if rows is None else len(rows))
         scaled = cfg.infer_reg_weight * reg
         scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
@@ -938,7 +950,7 @@ class Trainer:
             sync = self.net is self.model or k == n - 1
             with contextlib.nullcontext() if sync else self.net.no_sync():
                 try:
-                    with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    with self._autocast():
                         out = self.forward(*part, kl_weight=kl_weight)
                 finally:
                     if self.micro_noise is not None:
@@ -1033,7 +1045,8 @@ class Trainer:
         if self.skipped and self.is_main:
             log.warning("%d of the run's %d updates were skipped (non-finite loss or gradient, or grad norm above "
                         "skip_threshold)", self.skipped, self.step)
-        summary = {**last, "step": self.step, "skipped": self.skipped}
+        summary = {"step": self.step, "skipped": self.skipped,  # the last evaluation's step is its own
+                   **{("val_step" if k == "step" else k): v for k, v in last.items()}}
         if self.step < self.total:
             return summary
         self.save_samples(self.out / "samples.png")
@@ -1086,8 +1099,8 @@ class Trainer:
 
 
 def train(cfg: MatNetConfig, opts: TrainOptions) -> dict:
-    """Train (or resume) a MatNet; returns the last validation row, the final step and the number of skipped
-    updates. Under torchrun every process calls this
-    and it joins the process group for the run (see matnet.distributed)."""
+    """Train (or resume) a MatNet; returns the final step, the number of skipped updates and the last validation
+    row (its step as val_step). Under torchrun every process calls this and it joins the process group for the
+    run (see matnet.distributed)."""
     with distributed.session(opts.device):
         return Trainer(cfg, opts).run()

@@ -69,7 +69,7 @@ def test_gradient_reaches_inference_parameters_only(name, cls):
         assert set(x.unique().tolist()) <= {0.0, 1.0}
     else:
         assert x.min() >= -1 and x.max() <= 1
-    if cfg.likelihood in ("logistic", "mixture"):
+    if cfg.likelihood in ("logistic", "logistic_mixture"):
         assert torch.allclose(torch.round((x + 1) * 127.5), (x + 1) * 127.5, atol=1e-4)  # 8-bit bin centres
 
     # the same draw and forward noise through the plain ELBO: the same inference gradients
@@ -103,7 +103,7 @@ def test_runs_under_autocast(name):
     assert sum(p.grad is not None and bool(p.grad.abs().max() > 0) for p in inf) > len(inf) // 2
     x = seen[-1]
     assert x.dtype == torch.float32
-    if cfg.likelihood in ("logistic", "mixture"):
+    if cfg.likelihood in ("logistic", "logistic_mixture"):
         assert torch.equal(torch.round((x + 1) * 127.5) / 127.5 - 1, x)
 
 

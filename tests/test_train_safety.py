@@ -153,6 +153,26 @@ def test_weights_whose_loss_overflows_are_never_saved(tmp_path, fake_mnist):
     assert (tmp_path / "checkpoint.pt").read_bytes() == saved != good
 
 
+def test_a_skipped_last_step_still_ends_with_a_checkpoint(tmp_path, fake_mnist, monkeypatch):
+    """One bad batch skips its update; the weights are the last applied step's and are checked on that step's
+    batch, so the run ends normally (the probe must not re-run the skipped batch)."""
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=3, eval_every=0, ckpt_every=0))
+    real, bad = tr.model.forward, []
+
+    def forward(x, *a, **k):
+        out = real(x, *a, **k)
+        if tr.step == 2 and not bad:
+            bad.append(x.data_ptr())  # the third batch (the step counter reads 2 during it)
+        if bad and x.data_ptr() == bad[0]:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(tr.model, "forward", forward)
+    res = tr.run()
+    assert res["step"] == 3 and res["skipped"] == 1
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+
+
 def test_resuming_with_another_config_or_past_its_steps_is_refused(tmp_path, fake_mnist, capsys):
     assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "2")) == 0
     capsys.readouterr()
@@ -373,7 +393,7 @@ def trained(tmp_path_factory, fake_mnist):
     (["sample", "--n", "0"], "--n must be >= 1"),
     (["sample", "--temperature", "0"], "--temperature must be a finite number > 0"),
     (["sample", "--out", "."], "is a folder"),
-    (["sample", "--out", "grid.jpg"], "must end in .png"),
+    (["sample", "--out", "grid.xyz"], "not an image file name"),
     (["eval", "--out", "."], "is a folder"),
     (["eval", "--finetune-lr", "1e39"], "--finetune-lr must be a number in (0, 1]"),
     (["eval", "--finetune-lr", "1e-4"], "--finetune-lr needs --finetune-inference-epochs"),
@@ -424,6 +444,9 @@ def test_outputs_are_written_atomically(tmp_path, monkeypatch):
     png = tmp_path / "grid.png"
     save_image_grid(torch.rand(4, 1, 8, 8), png)
     good = png.read_bytes()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert png.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() makes it, not mkstemp's 0600
 
     def torn(self, f, *a, **k):
         f.write(b"\x89PNG partial")
