@@ -600,7 +600,7 @@ class Trainer:
         self.skipped = 0
         self.last_skipped = False
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
-        self.probe: tuple[torch.Tensor, ...] | None = None  # the last step's inputs: save() checks the weights on them
+        self.probe: tuple[torch.Tensor, ...] | None = None  # the last applied step's inputs: save() checks them
         self.guard = SkipGuard(opts.max_skips, opts.skip_window, opts.max_skip_fraction)
         for name, step in (("prior_refit_step", cfg.prior_refit_step),
                            ("infer_reg_start", cfg.infer_reg_start if cfg.infer_reg_weight else 0)):
@@ -728,8 +728,8 @@ class Trainer:
         return f"the last good checkpoint {self.ckpt_path} (step {self.saved_step}) is kept"
 
     def save(self) -> None:
-        """Checkpoint, unless a weight is non-finite or the weights give a non-finite loss on the last batch:
-        good weights are never replaced by broken ones."""
+        """Checkpoint, unless a weight is non-finite or the weights give a non-finite loss on the last applied
+        step's batch: good weights are never replaced by broken ones."""
         nets = [self.model] + ([self.ema] if self.ema is not None else [])
         bad = [n for net in nets for n, p in net.named_parameters() if not torch.isfinite(p).all()]
         if bad:
@@ -737,7 +737,7 @@ class Trainer:
                                    f"not saved; {self._kept()}")
         if distributed.any_true(not self._finite_on_probe()):
             raise TrainingDiverged(f"training stopped at step {self.step}: the weights give a non-finite loss on "
-                                   f"the last batch; not saved; {self._kept()}")
+                                   f"the last applied step's batch; not saved; {self._kept()}")
         if self.sharded:  # noise is drawn for the global batch on every rank: their states must agree
             distributed.check_same(self._fingerprint(), "the weights and RNG states")
         err: Exception | None = None
@@ -751,8 +751,8 @@ class Trainer:
 
     @torch.no_grad()
     def _finite_on_probe(self) -> bool:
-        """The loss of the current weights on the last step's inputs is finite (finite weights can still overflow
-        every forward). Under a forked RNG: the run's random streams, and so exact resume, are untouched."""
+        """The loss of the current weights on the last applied step's inputs is finite (finite weights can still
+        overflow every forward). Under a forked RNG: the run's random streams, and so exact resume, are untouched."""
         if self.probe is None:
             return True
         parts = zip(*(t.chunk(self.opts.grad_accum) for t in self.probe))  # --grad-accum's memory, not more
