@@ -121,6 +121,8 @@ class InpaintOptions:
             parse_mask_spec(self.mask)
         if self.folder is not None and not self.folder.strip():
             raise ValueError("--folder is empty: give a folder of image files")
+        if self.folder is not None and self.dataset is not None:
+            raise ValueError("give --folder or --dataset, not both")
         _check_out(self.out, image=True)
 
 
@@ -388,8 +390,6 @@ def cmd_inpaint(a: argparse.Namespace) -> int:
     model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
-    if o.folder is not None and o.dataset is not None:
-        raise ValueError("give --folder or --dataset, not both")
     data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, o.folder)
     g = torch.Generator().manual_seed(a.seed)
     n = min(o.images, len(data))
