@@ -72,8 +72,8 @@ class MatNet(UsesOps, nn.Module):
     def __init__(self, cfg: MatNetConfig):
         super().__init__()
         cfg.validate()
-        if conditional_fields_set(cfg):
-            raise ValueError(f"{conditional_fields_set(cfg)} are conditional-MatNet settings (ConditionalMatNet; "
+        if conditional := conditional_fields_set(cfg):
+            raise ValueError(f"{conditional} are conditional-MatNet settings (ConditionalMatNet; "
                              "matnet train --task inpaint), not a density model's")
         self.cfg = cfg
         s, k = cfg.slope, cfg.kernel_size

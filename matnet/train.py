@@ -378,6 +378,11 @@ def set_rng_state(st: dict) -> None:
 
 
 @torch.no_grad()
+def fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch's RNG (CPU, and `device`'s when it is CUDA) restored on exit: draws inside leave the run's streams."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
 def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, iwae_images: int = 0,
              batch_size: int = 100, seed: int = 1234, device: torch.device | None = None,
              progress: bool = False, chunk: int | None = None,
@@ -401,7 +406,7 @@ def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, 
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     res: dict = {}
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+    with fork_rng(device), \
             (batch_noise(model) if shard else contextlib.nullcontext()) as noise:
         torch.manual_seed(seed)
         n = min(n_images, len(data))
@@ -756,7 +761,7 @@ class Trainer:
         if self.probe is None:
             return True
         parts = zip(*(t.chunk(self.opts.grad_accum) for t in self.probe))  # --grad-accum's memory, not more
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), self._autocast():
+        with fork_rng(self.device), self._autocast():
             return all(bool(torch.isfinite(self.model(*part).loss)) for part in parts)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -1082,7 +1087,7 @@ class Trainer:
             data = self.val_data if self.val_data is not None else self.train_data
             self.task.save_grid(self.eval_model(), data, path, self.opts.seed)
             return
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with fork_rng(self.device):
             torch.manual_seed(self.opts.seed)
             x = self.eval_model().sample(n, mean=self.eval_model().dist.binary)
         plots.save_image_grid(x, path, signed=not self.eval_model().dist.binary)
