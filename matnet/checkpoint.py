@@ -139,6 +139,19 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return gone
 
 
+def remove_new_folders(folders: list[Path]) -> None:
+    """Undo the mkdir of a run refused before it began: remove `folders` (innermost first) while each holds
+    nothing but the lock file. Call while holding that lock."""
+    for d in folders:
+        try:
+            if any(e.name != LOCK_NAME for e in d.iterdir()):
+                return
+            (d / LOCK_NAME).unlink(missing_ok=True)
+            d.rmdir()
+        except OSError:
+            return
+
+
 class RunLock:
     """An exclusive lock on a run folder: `flock` on `<folder>/.lock`, which holds the owner's pid.
 

@@ -48,6 +48,7 @@ from .checkpoint import (
     atomic_write_text,
     config_errors_name,
     load_checkpoint,
+    remove_new_folders,
     remove_stale_temps,
     save_checkpoint,
 )
@@ -525,6 +526,7 @@ class Trainer:
         self.is_main = distributed.is_main()  # rank 0 alone writes into the run folder (and holds its lock)
         self.lock = RunLock(self.out) if self.is_main else distributed.NoLock()
         err: Exception | None = None
+        made = [p for p in (self.out, *self.out.parents) if not p.exists()]  # folders this run creates
         try:
             try:
                 if self.out.exists() and not self.out.is_dir():
@@ -537,6 +539,8 @@ class Trainer:
             distributed.agree(err, "setting up")  # a rank that failed alone must not leave the others waiting
             self._distribute()
         except BaseException:
+            if self.lock.held and made:  # a run refused at setup leaves no empty run folder behind
+                remove_new_folders(made)
             self.lock.release()
             raise
 

@@ -364,6 +364,19 @@ def test_out_pointing_at_a_file_is_refused(tmp_path, fake_mnist, capsys):
     assert f.read_text() == "keep"
 
 
+def test_a_run_refused_at_setup_leaves_no_new_folder(tmp_path, fake_mnist, capsys):
+    out = tmp_path / "a" / "b"
+    assert cli.main(_train_argv(fake_mnist, out, "--steps", "1", "--grad-accum", "3")) == 2
+    assert "must divide the batch size" in _one_error_line(capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []  # both folders it made are gone
+    out.mkdir(parents=True)  # folders that were there before stay, empty or not
+    assert cli.main(_train_argv(fake_mnist, out, "--steps", "1", "--grad-accum", "3")) == 2
+    assert out.is_dir()
+    (out / "notes.txt").write_text("keep")
+    assert cli.main(_train_argv(fake_mnist, out / "c", "--steps", "1", "--grad-accum", "3")) == 2
+    assert not (out / "c").exists() and (out / "notes.txt").read_text() == "keep"
+
+
 def test_zero_periods_mean_off(tmp_path, fake_mnist):
     assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "3", "--log-every", "0", "--ckpt-every", "0")) == 0
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # written at the end
