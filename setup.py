@@ -35,7 +35,7 @@ def _extensions():
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
     extra = {"cxx": cxx + (["-DMATNET_WITH_CUDA"] if with_cuda else [])}
     if with_cuda:
-        extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        extra["nvcc"] = ["-O3", "-std=c++17"]  # no --use_fast_math: the likelihoods need accurate exp/log
         ext = CUDAExtension("matnet._C", cpp + cu, extra_compile_args=extra, extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("matnet._C", cpp, extra_compile_args=extra, extra_link_args=["-fopenmp"])

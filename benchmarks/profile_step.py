@@ -45,7 +45,7 @@ def main() -> None:
                 _step(model, opt, x)
             if a.device.startswith("cuda"):
                 torch.cuda.synchronize()
-        key = "self_cuda_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
+        key = "self_device_time_total" if a.device.startswith("cuda") else "self_cpu_time_total"
         events = prof.key_averages()
         total = sum(getattr(e, key) for e in events)
         conv = sum(getattr(e, key) for e in events if "conv" in e.key or "mkldnn" in e.key)

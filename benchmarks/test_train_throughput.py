@@ -47,3 +47,21 @@ def test_no_note_when_the_graphs_ran(monkeypatch, capsys):
     assert tt.main(["--device", "cuda", "--only", "4", "--steps", "3"]) == 0
     assert "skipped CUDA graphs" not in capsys.readouterr().out
     assert envs[0]["TORCH_LOGS"] == "recompiles,perf_hints"  # the user's logs are kept
+
+
+def test_a_failed_setting_is_reported_and_the_others_still_run(monkeypatch, capsys, tmp_path):
+    run, _ = _fake_run("")
+
+    def flaky(cmd, env, **kw):
+        if "--compile" in cmd:
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback ...\nRuntimeError: inductor broke")
+        return run(cmd, env, **kw)
+
+    monkeypatch.setattr(tt.subprocess, "run", flaky)
+    table = tmp_path / "t.json"
+    assert tt.main(["--device", "cuda", "--only", "3,5,6", "--steps", "3", "--json", str(table)]) == 1
+    out = capsys.readouterr().out
+    compiled, fused = tt.CUDA_SETTINGS[2][0], tt.CUDA_SETTINGS[4][0]
+    assert f"| {compiled} | failed | - |" in out and "RuntimeError: inductor broke" in out
+    assert f"| {fused} | 250.0 | - |" in out  # measured, though the first setting (the base) failed
+    assert json.loads(table.read_text())[compiled] is None

@@ -49,6 +49,10 @@ CUDA_SETTINGS: list[tuple[str, list[str], int]] = [
 ]
 
 
+class SettingFailed(RuntimeError):
+    """One setting's run failed: reported, and the other settings still run."""
+
+
 def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) -> tuple[float, str]:
     """images/s of one `matnet train` run (the median of its metrics rows after the first), and why
     torch.compile skipped CUDA graphs for some of its graphs where it was asked for them ("" if it never
@@ -67,11 +71,11 @@ def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) 
         env["TORCH_LOGS"] = ",".join(filter(None, [env.get("TORCH_LOGS"), "perf_hints"]))
     r = subprocess.run([*launch, "-m", "matnet", *train], env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"matnet train {' '.join(flags)} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
+        raise SettingFailed(f"matnet train {' '.join(flags)} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [row["images_per_s"] for row in rows if row.get("split") == "train"][1:]
     if not speeds:
-        raise SystemExit(f"no timed metrics rows: raise --steps above 2 (got {a.steps})")
+        raise SettingFailed(f"matnet train {' '.join(flags)} wrote no timed metrics rows")
     skips = sorted({line.split("skipping cudagraphs", 1)[1].split(". Found from")[0].strip()
                     for line in r.stderr.splitlines() if graphs and "skipping cudagraphs" in line})
     return statistics.median(speeds), "; ".join(skips)[:300]
@@ -89,29 +93,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the table here")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every setting trains")
     a = p.parse_args(argv)
+    if a.steps <= 2:
+        p.error(f"--steps must be above 2 (the first metrics row holds start-up), got {a.steps}")
     settings = CUDA_SETTINGS if a.device == "cuda" else SETTINGS
     chosen = [settings[int(i) - 1] for i in a.only.split(",")] if a.only else settings
     best: dict[str, float] = {}
     no_graphs: dict[str, str] = {}
+    failed: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for i, (name, flags, procs) in enumerate(chosen):
-                ips, skipped = run_setting(flags, procs, a, Path(tmp) / f"run{r}_{i}")
+                try:
+                    ips, skipped = run_setting(flags, procs, a, Path(tmp) / f"run{r}_{i}")
+                except SettingFailed as e:
+                    failed.setdefault(name, str(e))
+                    print(f"round {r + 1}: {name:58s} FAILED: {e}", file=sys.stderr, flush=True)
+                    continue
                 best[name] = max(best.get(name, 0.0), ips)
                 print(f"round {r + 1}: {name:58s} {ips:8.1f} images/s", file=sys.stderr, flush=True)
                 if skipped:
                     no_graphs[name] = skipped
-    base = best[chosen[0][0]]
+    base = best.get(chosen[0][0])
     print(f"\n{a.preset}, global batch {a.batch or 'of the preset'}, {a.device}, {a.threads} threads, "
           f"best of {a.rounds}")
     print(f"| setting | images/s | vs {chosen[0][0]} |\n|---|---:|---:|")
-    for name in best:
-        print(f"| {name} | {best[name]:.1f} | {best[name] / base:.2f}x |")
+    for name, _, _ in chosen:
+        if name in best:
+            print(f"| {name} | {best[name]:.1f} | {f'{best[name] / base:.2f}x' if base else '-'} |")
+        else:
+            print(f"| {name} | failed | - |")
     for name, why in no_graphs.items():
         print(f"\n{name}: torch.compile skipped CUDA graphs for some graphs: {why}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(best, indent=2))
-    return 0
+    for name, why in failed.items():
+        if name not in best:
+            print(f"\n{name} failed: {why[-1000:]}")
+    if a.json:  # images/s per setting; null for a setting that failed in every round
+        Path(a.json).write_text(json.dumps({name: best.get(name) for name, _, _ in chosen}, indent=2))
+    return 1 if any(name not in best for name, _, _ in chosen) else 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ for channels_last activations. What the layout buys on a GPU:
   [BLOCK_N, BLOCK_P] x [BLOCK_P, taps x channels], so the incoming gradient is read once per
   channel block, not once per tap (larger kernels take taps in groups).
 - Configs are autotuned on a GPU (block sizes, warps, stages); the interpreter runs one pinned
-  config. Packed weights are cached per parameter version (`residual_conv.packed`).
+  config. Weights are packed on every call (`residual_conv.pack_weight` says why not cached).
 
 The block-level launchers (`residual_conv_block_fwd` / `_bwd`, `masked_conv2d_fwd` / `_bwd`) pick an
 engine with `residual_conv.engine`.
@@ -280,6 +280,16 @@ _conv_nhwc_tuned = triton.autotune(_fwd_configs(), key=FWD_KEY, prune_configs_by
     _conv_nhwc_kernel)
 
 
+def _pinned(block_sizes: tuple[int, int, int] | triton.Config | None) -> tuple[tuple[int, int, int] | None, dict]:
+    """(BLOCK_P, BLOCK_N, BLOCK_K) and launch options of a pinned launch: a Config's blocks, warps and stages,
+    else 4 warps."""
+    if isinstance(block_sizes, triton.Config):
+        kw = block_sizes.kwargs
+        return ((kw["BLOCK_P"], kw["BLOCK_N"], kw["BLOCK_K"]),
+                dict(num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages))
+    return block_sizes, dict(num_warps=4)
+
+
 def _pinned_fwd(N: int, C: int) -> dict:
     """The interpreter's config: few, large programs (it pays per program, not per FLOP)."""
     return {"BLOCK_P": 256, "BLOCK_N": min(max(triton.next_power_of_2(N), 16), 64),
@@ -331,12 +341,13 @@ def launch_conv(
     act_src: torch.Tensor | None = None,
     y2: torch.Tensor | None = None,
     slope: float = 0.0,
-    block_sizes: tuple[int, int, int] | None = None,
+    block_sizes: tuple[int, int, int] | triton.Config | None = None,
     use_tma: bool | None = None,
 ) -> None:
     """`residual_conv.launch_conv` for channels_last tensors: y1 (and y2) must be contiguous
     channels_last; sources may be any view with unit channel stride; res, res_gate and act_src are
-    made contiguous channels_last. use_tma=False forces pointer loads (tests)."""
+    made contiguous channels_last. use_tma=False forces pointer loads (tests). block_sizes may be one of
+    the autotune configs, launched with its own warps and stages (tests)."""
     B, C1, H, W = x1.shape
     C2 = 0 if x2 is None else x2.shape[1]
     N1 = y1.shape[1]
@@ -375,10 +386,11 @@ def launch_conv(
 
     with device_ctx(x1):
         if block_sizes is not None or interpreting():
-            bp, bn, bk = block_sizes or tuple(_pinned_fwd(N, max(C1, C2)).values())
+            blocks, launch = _pinned(block_sizes)
+            bp, bn, bk = blocks or tuple(_pinned_fwd(N, max(C1, C2)).values())
             meta = dict(BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk)
             _set_boxes(dict(x1=args[0], x1_gate=args[1], x2=args[2], H_P2=h_p2, W_P2=w_p2, **meta))
-            _conv_nhwc_kernel[grid(meta)](*args, **consts, **meta, num_warps=4)
+            _conv_nhwc_kernel[grid(meta)](*args, **consts, **meta, **launch)
         else:
             _conv_nhwc_tuned[grid](*args, **consts)
     copy_back(staged)
@@ -398,7 +410,7 @@ def _wgrad_blocks(N: int, C: int, taps: int, dtype: torch.dtype, block_sizes,
     element by element, and with 32-pixel blocks its address registers spill, so it gets 16-pixel blocks.
     fp32 always uses 16-pixel blocks; larger blocks spill (benchmarks/kernel_report.py)."""
     if block_sizes is not None:
-        bp, bn, bc = block_sizes
+        bp, bn, bc = _pinned(block_sizes)[0]
     else:
         bp = 256 if interpreting() else 32 if dtype != torch.float32 and vector else 16
         bn = max(min(max(triton.next_power_of_2(N), 16), 64), 16 if interpreting() else 64)  # wgmma: M >= 64
@@ -414,7 +426,7 @@ def weight_grad(
     *,
     g_gate: torch.Tensor | None = None,
     slope: float = 0.0,
-    block_sizes: tuple[int, int, int] | None = None,
+    block_sizes: tuple[int, int, int] | triton.Config | None = None,
     split: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual_conv.weight_grad` for channels_last tensors: (grad weight [N, sum C_i, k, k], grad bias

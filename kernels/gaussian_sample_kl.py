@@ -16,7 +16,8 @@ Backward, for upstream gradients gz (of z) and gk (of kl), with r = exp(-logvar_
 
 One pass each way: the forward reads 5 and writes 2 tensors, the backward reads 7 and writes 5.
 Math is fp32 for fp16/bf16/fp32 storage (loads are upcast at once, which the interpreter also needs:
-its bf16 arithmetic is not exact) and fp64 for fp64. Offsets are 64-bit.
+its bf16 arithmetic is not exact) and fp64 for fp64; the exponentials go through fp64 (`utils.exact_exp`).
+Offsets are 64-bit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import acc_dtype, device_ctx, interpreting
+from .utils import acc_dtype, device_ctx, exact_exp, interpreting
 
 
 @triton.jit
@@ -46,10 +47,10 @@ def _gaussian_sample_kl_fwd_kernel(
     lp = tl.load(lp_ptr + offs, mask=mask, other=0.0).to(ACC)
     eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(ACC)
 
-    s = tl.exp(0.5 * lq)
+    s = exact_exp(0.5 * lq)
     d = mu_q - mu_p
     z = mu_q + s * eps
-    kl = 0.5 * (lp - lq + (s * s + d * d) * tl.exp(-lp) - 1.0)
+    kl = 0.5 * (lp - lq + (s * s + d * d) * exact_exp(-lp) - 1.0)
 
     tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
     tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=mask)
@@ -75,8 +76,8 @@ def _gaussian_sample_kl_bwd_kernel(
     lp = tl.load(lp_ptr + offs, mask=mask, other=0.0).to(ACC)
     eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(ACC)
 
-    s = tl.exp(0.5 * lq)
-    r = tl.exp(-lp)
+    s = exact_exp(0.5 * lq)
+    r = exact_exp(-lp)
     d = mu_q - mu_p
     v_r = s * s * r
     dkl_dmu = d * r

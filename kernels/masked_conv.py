@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .residual_conv import engine, packed
+from .residual_conv import engine, pack_weight, pack_weight_t
 
 
 def causal_taps(kernel_size: int, mask_type: str) -> int:
@@ -45,7 +45,7 @@ def masked_conv2d_fwd(
     B, _, H, W = x.shape
     k = weight.shape[-1]
     y = torch.empty(B, weight.shape[0], H, W, dtype=x.dtype, device=x.device, memory_format=fmt)
-    conv(x, packed(weight), y, k=k, taps1=causal_taps(k, mask_type), x2=cond, taps2=k * k,
+    conv(x, pack_weight(weight), y, k=k, taps1=causal_taps(k, mask_type), x2=cond, taps2=k * k,
                 bias=bias, block_sizes=block_sizes)
     return y
 
@@ -68,7 +68,7 @@ def masked_conv2d_bwd(
     k = weight.shape[-1]
     cx = x.shape[1]
     taps = causal_taps(k, mask_type)
-    wt = packed(weight, True)  # [k*k, Co, Cx + Cc]: the input-gradient operand
+    wt = pack_weight_t(weight)  # [k*k, Co, Cx + Cc]: the input-gradient operand
     gx = torch.empty_like(x, memory_format=fmt)
     conv(grad_y, wt[:, :, :cx], gx, k=k, sgn=-1, taps1=taps, block_sizes=block_sizes)
     gcond = x.new_empty(0)

@@ -31,7 +31,6 @@ These are the NCHW kernels. `engine(t)` sends channels_last activations to the N
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -253,35 +252,10 @@ def engine(t: torch.Tensor) -> tuple[Callable, Callable, torch.memory_format]:
     return launch_conv, weight_grad, torch.contiguous_format
 
 
-_PACKED: dict[tuple[int, bool], tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def capturing(t: torch.Tensor) -> bool:
-    """Whether t's stream is being captured into a CUDA graph."""
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def packed(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """`pack_weight(w)` (or `pack_weight_t`), cached per parameter version: repacked only after w
-    changes in place (an optimizer step bumps its version), dropped when w is freed.
-
-    Never cached while a CUDA graph is captured: a replay repeats the captured kernels, not this Python
-    check, so the packing must be one of them to follow the optimizer steps replayed in between."""
-    pack = pack_weight_t if transposed else pack_weight
-    if capturing(w):
-        return pack(w)
-    key = (id(w), transposed)
-    hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w._version:
-        return hit[2]
-    out = pack(w)
-    if w.device.type != "meta":
-        _PACKED[key] = (weakref.ref(w, lambda _, key=key: _PACKED.pop(key, None)), w._version, out)
-    return out
-
-
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
-    """[N, C, k, k] -> [k*k, C, N]: the forward-conv operand, contiguous along N."""
+    """[N, C, k, k] -> [k*k, C, N]: the forward-conv operand, contiguous along N. Packed on every call, not
+    cached by w._version: fused optimizers (`Adam(fused=True)`) and writes through `.data` change w in place
+    without bumping its version, so such a cache would hand out stale weights."""
     n, c, k, _ = w.shape
     return w.permute(2, 3, 1, 0).reshape(k * k, c, n).contiguous()
 
@@ -426,8 +400,8 @@ def residual_conv_block_fwd(
     M, k1, k2 = w1.shape[0], w1.shape[-1], w2.shape[-1]
     a1 = torch.empty(B, M, H, W, dtype=h.dtype, device=h.device, memory_format=fmt)
     out = torch.empty_like(h, memory_format=fmt)
-    conv(h, packed(w1), a1, k=k1, x2=extra, bias=b1, act=ACT_LRELU, slope=slope, block_sizes=block_sizes)
-    conv(a1, packed(w2), out, k=k2, bias=b2, res=h, act=ACT_LRELU, slope=slope, block_sizes=block_sizes)
+    conv(h, pack_weight(w1), a1, k=k1, x2=extra, bias=b1, act=ACT_LRELU, slope=slope, block_sizes=block_sizes)
+    conv(a1, pack_weight(w2), out, k=k2, bias=b2, res=h, act=ACT_LRELU, slope=slope, block_sizes=block_sizes)
     return out, a1
 
 
@@ -453,12 +427,12 @@ def residual_conv_block_bwd(
     k1, k2 = w1.shape[-1], w2.shape[-1]
     # g1 = conv_T(grad_out * lrelu'(out), w2) * lrelu'(a1)
     g1 = torch.empty_like(a1, memory_format=fmt)
-    conv(grad_out, packed(w2, True), g1, k=k2, sgn=-1, x1_gate=out, act=ACT_DLRELU, act_src=a1,
+    conv(grad_out, pack_weight_t(w2), g1, k=k2, sgn=-1, x1_gate=out, act=ACT_DLRELU, act_src=a1,
          slope=slope, block_sizes=block_sizes)
     # [gh; gextra] = conv_T(g1, w1) + [grad_out * lrelu'(out); 0]
     gh = torch.empty_like(h, memory_format=fmt)
     gextra = None if extra is None else torch.empty_like(extra, memory_format=fmt)
-    conv(g1, packed(w1, True), gh, k=k1, sgn=-1, y2=gextra, res=grad_out, res_gate=out,
+    conv(g1, pack_weight_t(w1), gh, k=k1, sgn=-1, y2=gextra, res=grad_out, res_gate=out,
          slope=slope, block_sizes=block_sizes)
     kk1, kk2 = k1 * k1, k2 * k2
     gw2, gb2 = wgrad(grad_out, [(a1, kk2)], k2, g_gate=out, slope=slope, block_sizes=block_sizes,

@@ -37,6 +37,13 @@ def dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
 
 
 @triton.jit
+def exact_exp(x):
+    # exp through fp64: for fp32, tl.exp is ex2.approx on NVIDIA GPUs (several ulps off for |x| > 1), fp64 goes
+    # to libdevice; these kernels are memory-bound, so the fp64 math costs nothing measurable
+    return tl.exp(x.to(tl.float64)).to(x.dtype)
+
+
+@triton.jit
 def dlrelu(v, slope):
     # lrelu'(a), from a or from lrelu(a): both carry the sign of a when slope >= 0
     return tl.where(v > 0, 1.0, slope)

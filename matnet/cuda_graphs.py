@@ -19,8 +19,8 @@ and draw its noise on the GPU (torch's CUDA generator is graph-safe: every repla
 autocast pass `cache_enabled=False`, or the replays reuse the weights' casts made at capture. A float
 learning rate is frozen into the graph: to change it between replays, give the optimizer a tensor lr and
 fill it in place. The gradients live in the graph's memory: the step overwrites them, it does not
-accumulate. After each replay the parameters' version counters are bumped, so eager calls in between (an
-evaluation, sampling) repack the weights the replays changed instead of reusing packs cached earlier.
+accumulate. After each replay the parameters' version counters are bumped, so autograd sees that the
+replay changed them in place.
 `matnet train` gets graphs through `--compile --compile-mode reduce-overhead` instead, which keeps its
 host-side guards.
 """

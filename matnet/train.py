@@ -378,12 +378,12 @@ def set_rng_state(st: dict) -> None:
             torch.cuda.set_rng_state(state, i)
 
 
-@torch.no_grad()
 def fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
     """torch's RNG (CPU, and `device`'s when it is CUDA) restored on exit: draws inside leave the run's streams."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
+@torch.no_grad()
 def evaluate(model: MatNet, data: ImageDataset, n_images: int, iwae_k: int = 0, iwae_images: int = 0,
              batch_size: int = 100, seed: int = 1234, device: torch.device | None = None,
              progress: bool = False, chunk: int | None = None,

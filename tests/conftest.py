@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import GPU_SKIP, REQUIRE_CUDA  # noqa: E402
+from helpers import GPU_SKIP, REQUIRE_CUDA, conv_fp32_precision  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +44,14 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32_convs():
+    """fp32 convolutions in full fp32 (cuDNN's and matnet's Triton ones follow the same setting, whose default
+    lets CUDA use TF32): the tests judge fp32 by fp32 error bounds. A test that wants TF32 asks for it."""
+    with conv_fp32_precision("ieee"):
+        yield
 
 
 @pytest.hookimpl(hookwrapper=True)

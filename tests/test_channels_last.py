@@ -63,16 +63,18 @@ def test_op_keeps_channels_last(name, args):
 @needs_cuda
 @pytest.mark.parametrize(("name", "args"), OP_CASES, ids=[c[0] for c in OP_CASES])
 def test_op_keeps_channels_last_cuda(name, args):
-    """fp32 on the GPU backends (Triton, CUDA extension): they read channels_last inputs as contiguous copies,
-    so the values must be exactly those of the NCHW call."""
+    """fp32 on the GPU backends (Triton, CUDA extension): channels_last inputs keep their layout, and the
+    values are as close to the fp64 truth as the NCHW call's (the convolutions run another engine, with
+    other tiles and summation orders, on channels_last)."""
     with conv_fp32_precision("ieee"):
         outs_cl, grads_cl = _outputs(name, args, CL, device="cuda", dtype=torch.float32)
         outs, grads = _outputs(name, args, torch.contiguous_format, device="cuda", dtype=torch.float32)
-    for o_cl, o in zip(outs_cl, outs):
+    truth_outs, truth_grads = _outputs(name, args, torch.contiguous_format)  # fp64 on the CPU
+    for o_cl in outs_cl:
         assert layout(o_cl) is CL, f"{name}: output is not channels_last, strides {o_cl.stride()}"
-        torch.testing.assert_close(o_cl, o, rtol=0, atol=0)
-    for g_cl, g in zip(grads_cl, grads):
-        torch.testing.assert_close(g_cl, g, rtol=0, atol=0)
+    for what, got, ref, truth in (("outputs", outs_cl, outs, truth_outs), ("grads", grads_cl, grads, truth_grads)):
+        assert_all_within_ref_error(f"{name} {what}", *({i: t.cpu() for i, t in enumerate(ts) if t is not None}
+                                                         for ts in (got, ref, truth)))
 
 
 @pytest.mark.parametrize(("name", "args"), OP_CASES, ids=[c[0] for c in OP_CASES])

@@ -1,6 +1,7 @@
 """The channels-last engine of kernels/conv_nhwc.py: its TMA and pointer paths, every autotuned config,
-in-place channel chunks, tile shapes, and the packed-weight cache. The block-level comparisons against
-the reference over odd shapes (both engines) are in test_ops_residual.py and test_ops_masked_conv.py."""
+in-place channel chunks, tile shapes, and weights changed behind the version counter. The block-level
+comparisons against the reference over odd shapes (both engines) are in test_ops_residual.py and
+test_ops_masked_conv.py."""
 
 import inspect
 
@@ -11,9 +12,10 @@ from test_ops_residual import make_inputs, reference_with_grads, run_kernels
 
 try:
     from matnet.kernels import conv_nhwc as E
+    from matnet.kernels import masked_conv as MC
     from matnet.kernels import residual_conv as RC
 except ImportError:  # no triton
-    E = RC = None
+    E = MC = RC = None
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(E is None, reason="needs triton")]
@@ -64,10 +66,9 @@ def test_tma_and_pointer_paths_agree(device, monkeypatch):
 @pytest.mark.parametrize("device", triton_devices())
 @pytest.mark.parametrize("config", E._fwd_configs() if E else [], ids=str)
 def test_every_autotuned_config_is_right(config, device):
-    """Each GPU config's tile (TB x TH x TW) and blocks, run under the interpreter: on 7x6 maps with a
-    batch of 3 the 64- and 128-pixel tiles straddle images and leave partial rows."""
-    kw = config.kwargs
-    _check(ALIGNED, torch.float32, device, block_sizes=(kw["BLOCK_P"], kw["BLOCK_N"], kw["BLOCK_K"]))
+    """Each GPU config's tile (TB x TH x TW) and blocks, with its own warps and stages on a GPU: on 7x6 maps
+    with a batch of 3 the 64- and 128-pixel tiles straddle images and leave partial rows."""
+    _check(ALIGNED, torch.float32, device, block_sizes=config)
 
 
 @pytest.mark.parametrize("device", triton_devices())
@@ -105,31 +106,30 @@ def test_engine_follows_the_layout():
     assert RC.engine(torch.zeros(2, 4, 1, 1).contiguous(memory_format=CL))[0] is RC.launch_conv  # both
 
 
-def test_packed_weights_are_cached_per_version():
-    w = torch.randn(6, 4, 3, 3)
-    p = RC.packed(w)
-    assert RC.packed(w) is p and torch.equal(p, RC.pack_weight(w))
-    pt = RC.packed(w, True)
-    assert pt is not p and torch.equal(pt, RC.pack_weight_t(w))
-    with torch.no_grad():
-        w.mul_(2)  # an optimizer step: in place, new version
-    p2 = RC.packed(w)
-    assert p2 is not p and torch.equal(p2, RC.pack_weight(w))
-    key = (id(w), False)
-    del w
-    assert key not in RC._PACKED  # freed with the weight
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])
+def test_weights_changed_without_a_version_bump_are_used(fmt, device):
+    """Adam(fused=True) and writes through .data change weights in place without bumping their version:
+    the next launches (forward, input gradient, masked conv) must use the new values, as launches on fresh
+    copies of them do."""
+    x = {k: None if v is None else v.to(device) for k, v in make_inputs(ALIGNED, torch.float32, device)[0].items()}
+    h, extra = (x[k].contiguous(memory_format=fmt) for k in ("h", "extra"))
+    g = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(device).contiguous(memory_format=fmt)
+    w1, w2 = (torch.nn.Parameter(x[k]) for k in ("w1", "w2"))
 
+    def launches(w1, w2):
+        out, a1 = RC.residual_conv_block_fwd(h, w1, x["b1"], w2, x["b2"], extra, 0.1)
+        grads = RC.residual_conv_block_bwd(g, h, extra, w1, w2, out, a1, 0.1)
+        return out, grads[0], MC.masked_conv2d_fwd(h, w1, x["b1"], "B", cond=extra)
 
-def test_packed_weights_are_not_cached_in_cuda_graph_capture(monkeypatch):
-    """A graph replays the packing kernels, not the version check: a cached pack would freeze the weights."""
-    w = torch.randn(6, 4, 3, 3)
-    cached = RC.packed(w)
-    monkeypatch.setattr(RC, "capturing", lambda t: True)
-    p = RC.packed(w)
-    assert p is not cached and torch.equal(p, RC.pack_weight(w)) and RC.packed(w) is not p
-    with torch.no_grad():
-        w.add_(1)
-    assert torch.equal(RC.packed(w, True), RC.pack_weight_t(w)) and RC._PACKED[(id(w), False)][2] is cached
+    launches(w1, w2)
+    versions = w1._version, w2._version
+    w1.data.mul_(-0.5)
+    w2.grad = torch.randn_like(w2)
+    torch.optim.Adam([w2], lr=0.1, fused=True).step()
+    assert (w1._version, w2._version) == versions  # neither change is seen by the version counter
+    for a, b in zip(launches(w1, w2), launches(w1.detach().clone(), w2.detach().clone())):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_autotune_key_holds_every_constexpr():

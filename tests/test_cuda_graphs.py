@@ -1,5 +1,5 @@
 """matnet.cuda_graphs.graph_step: a whole training step of FastMatNet (fused kernels, both layouts) captured as one
-CUDA graph gives the eager steps' parameters, follows the weights it updates (no stale packed weights) and draws
+CUDA graph gives the eager steps' parameters, follows the weights it updates and draws
 fresh noise on every replay; bad arguments get one clear error (on any machine)."""
 
 import pytest
@@ -61,7 +61,7 @@ def _eval_loss(model: FastMatNet, x: torch.Tensor) -> float:
 def test_graphed_steps_equal_eager_steps(layout):
     """3 warm-up steps on xs[0], then one replay per batch: the same updates as eager steps, loss by loss. A
     replay that reused the weights packed at capture would drift from the eager run from its second replay;
-    an eager evaluation between replays that reused packs cached by an earlier one would see old weights."""
+    an eager evaluation between replays must see the weights the replays wrote."""
     xs = _batches(7, layout)
     eager, graphed = _model(layout, 0.3), _model(layout, 0.3)
     step, _ = _stepper(eager)

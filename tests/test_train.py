@@ -152,6 +152,20 @@ def test_evaluate_is_reproducible_and_leaves_rng_alone(tmp_path, fake_mnist):
     assert a["iwae"] <= a["elbo"] + 50  # same ballpark; IWAE uses a subset
 
 
+def test_evaluate_builds_no_autograd_graph(tmp_path, fake_mnist, monkeypatch):
+    """Evaluation batches must not keep graphs alive (memory grows with the number of images otherwise)."""
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist))
+    real, grad_on = tr.model.forward, []
+
+    def forward(*a, **k):
+        grad_on.append(torch.is_grad_enabled())
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr.model, "forward", forward)
+    evaluate(tr.model, tr.val_data, 16, batch_size=8)
+    assert grad_on == [False, False] and torch.is_grad_enabled()
+
+
 def test_config_mismatch_with_dataset_is_clear(tmp_path, fake_mnist):
     with pytest.raises(ValueError, match="shape"):
         Trainer(matnet.MatNetConfig.preset("tiny", image_size=32, stem_downsample=2),
