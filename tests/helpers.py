@@ -148,6 +148,52 @@ def conv_fp32_precision(p: str):
             torch.backends.cudnn.allow_tf32 = old
 
 
+def tf32_operand(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32) as a TF32 matrix unit reads it, in fp64: the low 13 mantissa bits dropped (truncation, the larger
+    error of the hardware's two ways to round)."""
+    return torch.bitwise_and(t.float().contiguous().view(torch.int32), -(1 << 13)).view(torch.float32).double()
+
+
+class _TF32Conv2d(torch.autograd.Function):
+    """conv2d whose every product (forward, input and weight gradients) has TF32 operands, summed in fp64."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding, dilation, groups):
+        xr, wr = tf32_operand(x), tf32_operand(w)
+        ctx.save_for_backward(xr, wr)
+        ctx.conf, ctx.has_bias = (stride, padding, dilation, groups), b is not None
+        y = torch.nn.functional.conv2d(xr, wr, None if b is None else b.double(), stride, padding, dilation, groups)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        xr, wr = ctx.saved_tensors
+        gr = tf32_operand(gy)
+        gx = torch.nn.grad.conv2d_input(xr.shape, wr, gr, *ctx.conf).to(gy.dtype)
+        gw = torch.nn.grad.conv2d_weight(xr, wr.shape, gr, *ctx.conf).to(gy.dtype)
+        gb = gy.double().sum((0, 2, 3)).to(gy.dtype) if ctx.has_bias else None
+        return gx, gw, gb, None, None, None, None
+
+
+@contextlib.contextmanager
+def tf32_reference_convs():
+    """torch.nn.functional.conv2d on fp32 tensors as an exact TF32 unit would compute it (`_TF32Conv2d`): the
+    reference in TF32 of the tests that allow it. cuDNN's own fp32 convs with TF32 allowed may or may not use
+    it (their algorithm choice depends on the shape), so they cannot be that reference."""
+    real = torch.nn.functional.conv2d
+
+    def conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+        if x.dtype != torch.float32:
+            return real(x, w, b, stride, padding, dilation, groups)
+        return _TF32Conv2d.apply(x, w, b, stride, padding, dilation, groups)
+
+    torch.nn.functional.conv2d = conv2d
+    try:
+        yield
+    finally:
+        torch.nn.functional.conv2d = real
+
+
 def random_data(cfg, b: int, seed: int = 1) -> torch.Tensor:
     """b images in cfg's data space: binary for the Bernoulli likelihood, 8-bit bin centres on [-1, 1] otherwise."""
     g = torch.Generator().manual_seed(seed)

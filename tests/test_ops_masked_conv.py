@@ -1,6 +1,8 @@
 """matnet.ops.masked_conv2d: the Triton kernels (interpreter on CPU, native on CUDA), the registered
 op and its backward, causality, validation and dispatch, all against the plain-torch reference."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import (
@@ -8,6 +10,7 @@ from helpers import (
     assert_within_ref_error,
     conv_fp32_precision,
     needs_cuda,
+    tf32_reference_convs,
     triton_devices,
 )
 
@@ -247,7 +250,7 @@ def test_opcheck():
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 def test_cuda_op_matches_reference(case, dtype, precision):
-    """fp32 judged in full fp32 and with TF32 allowed (cuDNN's reference then uses it too)."""
+    """fp32 judged in full fp32 and with TF32 allowed (then against an exact TF32 reference)."""
     if dtype != torch.float32 and precision == "tf32":
         pytest.skip("TF32 concerns fp32 inputs only")
     inputs, mask_type, grad = make_inputs(CASES[case], dtype, "cuda")
@@ -255,6 +258,7 @@ def test_cuda_op_matches_reference(case, dtype, precision):
     with conv_fp32_precision(precision):
         y = masked_conv2d(t["x"], t["weight"], t["bias"], mask_type, t["cond"])
         y.backward(grad)
+    with tf32_reference_convs() if precision == "tf32" else contextlib.nullcontext():
         ref_y, ref_grads = reference_with_grads(inputs, mask_type, grad, dtype)
     truth_y, truth_grads = reference_with_grads(inputs, mask_type, grad, torch.float64)
     assert_within_ref_error("y", y.detach(), ref_y, truth_y)

@@ -1,6 +1,8 @@
 """matnet.ops.residual_conv_block: the Triton kernels (interpreter on CPU, native on CUDA), the
 registered op and its backward, validation and dispatch, all against the plain-torch reference."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import (
@@ -8,6 +10,7 @@ from helpers import (
     assert_within_ref_error,
     conv_fp32_precision,
     needs_cuda,
+    tf32_reference_convs,
     triton_devices,
 )
 
@@ -202,7 +205,7 @@ def test_op_returns_saved_activation():
 @pytest.mark.parametrize("case", ["k3_extra", "k3_noextra_nobias", "k1_extra", "fc_1x1"])
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 def test_cuda_op_matches_reference(case, dtype, precision):
-    """fp32 judged in full fp32 and with TF32 allowed (cuDNN's reference then uses it too)."""
+    """fp32 judged in full fp32 and with TF32 allowed (then against an exact TF32 reference)."""
     if dtype != torch.float32 and precision == "tf32":
         pytest.skip("TF32 concerns fp32 inputs only")
     inputs, grad = make_inputs(CASES[case], dtype, "cuda")
@@ -210,6 +213,7 @@ def test_cuda_op_matches_reference(case, dtype, precision):
     with conv_fp32_precision(precision):
         out = residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"])
         out.backward(grad)
+    with tf32_reference_convs() if precision == "tf32" else contextlib.nullcontext():
         ref_out, ref_grads = reference_with_grads(inputs, grad, dtype)
     truth_out, truth_grads = reference_with_grads(inputs, grad, torch.float64)
     assert_within_ref_error("out", out.detach(), ref_out, truth_out)
@@ -219,10 +223,11 @@ def test_cuda_op_matches_reference(case, dtype, precision):
 
 @needs_cuda
 def test_cuda_tf32_bigger_block():
-    """The kernels under TF32 on a realistic block, judged by the TF32 error of cuDNN's reference."""
+    """The kernels under TF32 on a realistic block, judged by the error of an exact TF32 reference."""
     inputs, grad = make_inputs((8, 32, 16, 32, 12, 12, 3, True), torch.float32, "cuda")
     with conv_fp32_precision("tf32"):
         out, _, grads = run_kernels(inputs, grad, torch.float32, "cuda")
+    with tf32_reference_convs():
         ref_out, ref_grads = reference_with_grads(inputs, grad, torch.float32)
     truth_out, truth_grads = reference_with_grads(inputs, grad, torch.float64)
     assert_within_ref_error("out", out, ref_out, truth_out)
