@@ -2,7 +2,7 @@
 # The GPU check: on a machine whose python3 already has a CUDA build of torch and Triton (and nvcc),
 # with no package registry and no ruff. Writes everything into OUT_DIR (default runs/gpu_check).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [--phase tests|bench|bench-ops|bench-models|train|all] [--dry-run]
+#   bash scripts/gpu_check.sh [OUT_DIR] [--phase tests|bench|bench-ops|bench-models|train|run10|all] [--dry-run]
 #
 # Each phase is meant to fit one 10-minute call; a phase that fails is reported and the next one still runs,
 # and the script exits 1 at the end if any did.
@@ -17,12 +17,20 @@
 #   0.25) is pytest-benchmark's seconds per case.
 # Phase "train" (not in "all"; needs MATNET_DATA_DIR with the datasets): `matnet train` images/s on CUDA,
 #   eager / compiled / CUDA graphs, fp32 / bf16, reference / fused ops (benchmarks/train_throughput.py), for
-#   each preset of TRAIN_PRESETS (default "mnist cifar10"; one preset per call keeps a call short):
-#   train_PRESET.md and .json.
+#   each preset of TRAIN_PRESETS (default "mnist cifar10"; one preset per call keeps a call short), cifar10 at
+#   global batch TRAIN_BATCH (default 256): train_PRESET.md and .json.
+# Phase "run10" (not in "all"; needs MATNET_DATA_DIR): the "cifar10" preset trained on one GPU for RUN_MINUTES
+#   (default 8) or RUN_STEPS (default 4000) steps, whichever ends first (batch RUN_BATCH, default 512, sqrt LR
+#   rule, 500 warm-up steps, bf16, channels_last), then its test bits/dim (ELBO on all 10,000 images, IWAE
+#   k=100 on the first 1,000): run10/ (checkpoint, samples.png, kl_per_module.png), run10_train.log and
+#   run10_eval.json.
+# Data: MATNET_DATA_DIR holds mnist/ and either cifar-10-batches-py/ or the JPEG copy's
+#   cifar-10-jpeg/cifar10-jpeg.zip with its to_cifar_batches.py, decoded into MATNET_DATA_DIR on first use.
 # --dry-run (CI, on a CPU machine): the same steps with CPU stand-ins (no CUDA build or asserts, test
 #   collection only, one CPU benchmark of each part in quick mode, one 3-step training run), so that the
 #   script cannot rot.
-# Environment: PYTHON (default python3), MATNET_DATA_DIR, TRAIN_PRESETS, BENCH_MAX_TIME.
+# Environment: PYTHON (default python3), MATNET_DATA_DIR, TRAIN_PRESETS, TRAIN_BATCH, BENCH_MAX_TIME, RUN_MINUTES,
+#   RUN_STEPS, RUN_BATCH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/gpu_check
@@ -37,8 +45,8 @@ while [ $# -gt 0 ]; do
     *) OUT=$1; shift ;;
   esac
 done
-case "$PHASE" in tests|bench|bench-ops|bench-models|train|all) ;;
-  *) echo "gpu_check.sh: --phase must be tests, bench, bench-ops, bench-models, train or all" >&2; exit 2 ;;
+case "$PHASE" in tests|bench|bench-ops|bench-models|train|run10|all) ;;
+  *) echo "gpu_check.sh: --phase must be tests, bench, bench-ops, bench-models, train, run10 or all" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -122,23 +130,54 @@ bench_part() {  # bench_part NAME FILE: the CUDA cases of benchmarks/FILE -> ben
   fi
 }
 
-phase_train() {
-  log "phase train"
+have_data() {  # have_data PHASE: MATNET_DATA_DIR is set (the dry run skips the phase without it)
   if [ -z "${MATNET_DATA_DIR:-}" ]; then
-    [ "$DRY" = 1 ] && { log "phase train: no MATNET_DATA_DIR, skipped in the dry run"; return; }
-    echo "gpu_check.sh: phase train needs MATNET_DATA_DIR (the folder with the mnist and cifar-10 data)" >&2
+    [ "$DRY" = 1 ] && { log "phase $1: no MATNET_DATA_DIR, skipped in the dry run"; return 1; }
+    echo "gpu_check.sh: phase $1 needs MATNET_DATA_DIR (the folder with the mnist and cifar-10 data)" >&2
     exit 2
   fi
+  local zip="$MATNET_DATA_DIR/cifar-10-jpeg/cifar10-jpeg.zip"
+  if [ "$DRY" = 0 ] && [ ! -d "$MATNET_DATA_DIR/cifar-10-batches-py" ] && [ -f "$zip" ]; then
+    log "decoding $zip into $MATNET_DATA_DIR/cifar-10-batches-py"
+    "$PY" "$MATNET_DATA_DIR/cifar-10-jpeg/to_cifar_batches.py" "$MATNET_DATA_DIR" || failed "decoding CIFAR-10"
+  fi
+}
+
+phase_train() {
+  log "phase train"
+  have_data train || return 0
   if [ "$DRY" = 1 ]; then
     "$PY" benchmarks/train_throughput.py --preset tiny --steps 3 --only 1 --threads 1 --device cpu \
       > "$OUT/train_tiny.md" 2> "$OUT/train.log" || { tail -30 "$OUT/train.log"; failed "train (dry run)"; }
     return
   fi
   for preset in ${TRAIN_PRESETS:-mnist cifar10}; do
-    local batch=$([ "$preset" = cifar10 ] && echo 256 || echo 0)  # 0: the preset's (100 for mnist)
+    local batch=$([ "$preset" = cifar10 ] && echo "${TRAIN_BATCH:-256}" || echo 0)  # 0: the preset's (100 for mnist)
     "$PY" benchmarks/train_throughput.py --preset "$preset" --batch "$batch" --steps 30 --device cuda \
       --json "$OUT/train_$preset.json" 2>&1 | tee "$OUT/train_$preset.md" || failed "train $preset"
   done
+}
+
+phase_run10() {
+  log "phase run10"
+  have_data run10 || return 0
+  local run="$OUT/run10" rc=0
+  if [ "$DRY" = 1 ]; then  # the same two commands on a tiny MNIST model
+    "$PY" -m matnet train --preset tiny --data-dir "$MATNET_DATA_DIR" --out "$run" --no-resume --device cpu --steps 3 \
+      --batch-size 8 --eval-every 0 --no-progress --threads 1 > "$OUT/run10_train.log" 2>&1 || rc=$?
+    [ $rc = 0 ] && "$PY" -m matnet eval "$run/checkpoint.pt" --data-dir "$MATNET_DATA_DIR" --device cpu --k 2 \
+      --n-images 8 --iwae-images 2 --threads 1 --out "$OUT/run10_eval.json" >> "$OUT/run10_train.log" 2>&1 || rc=$?
+    [ $rc = 0 ] || { tail -30 "$OUT/run10_train.log"; failed "run10 (dry run)"; }
+    return 0
+  fi
+  # exit 5: stopped by --time-limit after writing its checkpoint, the expected end of this phase
+  "$PY" -m matnet train --preset cifar10 --data-dir "$MATNET_DATA_DIR" --out "$run" --no-resume --device cuda \
+    --batch-size "${RUN_BATCH:-512}" --lr-scaling sqrt --warmup-steps 500 --precision bf16 --channels-last \
+    --steps "${RUN_STEPS:-4000}" --time-limit "${RUN_MINUTES:-8}" --eval-every 0 --log-every 100 --no-progress \
+    2>&1 | tee "$OUT/run10_train.log" || rc=$?
+  if [ $rc != 0 ] && [ $rc != 5 ]; then failed "run10 training (exit $rc)"; return 0; fi
+  "$PY" -m matnet eval "$run/checkpoint.pt" --data-dir "$MATNET_DATA_DIR" --device cuda --k 100 \
+    --iwae-images 1000 --out "$OUT/run10_eval.json" 2>&1 | tee -a "$OUT/run10_train.log" || failed "run10 eval"
 }
 
 install
@@ -148,8 +187,9 @@ case "$PHASE" in
   bench-ops) bench_part ops test_bench_ops.py ;;
   bench-models) bench_part models test_bench_model.py ;;
   train) phase_train ;;
+  run10) phase_run10 ;;
   all) phase_tests; bench_part ops test_bench_ops.py; bench_part models test_bench_model.py
-       if [ "$DRY" = 1 ]; then phase_train; fi ;;
+       if [ "$DRY" = 1 ]; then phase_train; phase_run10; fi ;;
 esac
 if [ ${#FAILED[@]} -gt 0 ]; then
   log "done: $OUT; failed: ${FAILED[*]}"
