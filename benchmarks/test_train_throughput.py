@@ -65,3 +65,19 @@ def test_a_failed_setting_is_reported_and_the_others_still_run(monkeypatch, caps
     assert f"| {compiled} | failed | - |" in out and "RuntimeError: inductor broke" in out
     assert f"| {fused} | 250.0 | - |" in out  # measured, though the first setting (the base) failed
     assert json.loads(table.read_text())[compiled] is None
+
+
+def test_a_hung_setting_times_out_and_the_table_is_written_as_it_goes(monkeypatch, capsys, tmp_path):
+    run, _ = _fake_run("")
+    table = tmp_path / "t.json"
+
+    def hangs(cmd, env, timeout=None, **kw):
+        if "--compile" in cmd:  # the second setting: the first one's figure is on disk already
+            assert timeout == 5 and json.loads(table.read_text())[tt.CUDA_SETTINGS[4][0]] == 250.0
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        return run(cmd, env, **kw)
+
+    monkeypatch.setattr(tt.subprocess, "run", hangs)
+    assert tt.main(["--device", "cuda", "--only", "5,3", "--steps", "3", "--timeout", "5", "--json", str(table)]) == 1
+    assert "did not finish in --timeout 5" in capsys.readouterr().out
+    assert json.loads(table.read_text()) == {tt.CUDA_SETTINGS[4][0]: 250.0, tt.CUDA_SETTINGS[2][0]: None}

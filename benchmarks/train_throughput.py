@@ -69,11 +69,18 @@ def run_setting(flags: list[str], procs: int, a: argparse.Namespace, out: Path) 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if graphs:  # perf hints name each graph that runs without CUDA graphs, and why
         env["TORCH_LOGS"] = ",".join(filter(None, [env.get("TORCH_LOGS"), "perf_hints"]))
-    r = subprocess.run([*launch, "-m", "matnet", *train], env=env, capture_output=True, text=True)
+    try:
+        r = subprocess.run([*launch, "-m", "matnet", *train], env=env, capture_output=True, text=True,
+                           timeout=a.timeout or None)
+    except subprocess.TimeoutExpired as e:
+        raise SettingFailed(f"matnet train {' '.join(flags)} did not finish in --timeout {a.timeout} s") from e
     if r.returncode != 0:
         raise SettingFailed(f"matnet train {' '.join(flags)} failed (exit {r.returncode}): {r.stderr.strip()[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    speeds = [row["images_per_s"] for row in rows if row.get("split") == "train"][1:]
+    try:
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        speeds = [row["images_per_s"] for row in rows if row.get("split") == "train"][1:]
+    except (OSError, ValueError, KeyError) as e:
+        raise SettingFailed(f"matnet train {' '.join(flags)}: unreadable metrics.jsonl ({e})") from e
     if not speeds:
         raise SettingFailed(f"matnet train {' '.join(flags)} wrote no timed metrics rows")
     skips = sorted({line.split("skipping cudagraphs", 1)[1].split(". Found from")[0].strip()
@@ -90,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help="rounds over all settings (the best is kept)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per setting")
     p.add_argument("--only", default="", help="comma-separated setting numbers (1-based) to run")
-    p.add_argument("--json", default=None, help="also write the table here")
+    p.add_argument("--json", default=None, help="also write the table here (after each setting)")
+    p.add_argument("--timeout", type=float, default=0, help="seconds a setting may take before it counts as "
+                   "failed (0: no limit)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every setting trains")
     a = p.parse_args(argv)
     if a.steps <= 2:
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"round {r + 1}: {name:58s} FAILED: {e}", file=sys.stderr, flush=True)
                     continue
                 best[name] = max(best.get(name, 0.0), ips)
+                if a.json:  # images/s per setting; null for one that has not run or failed in every round
+                    Path(a.json).write_text(json.dumps({n: best.get(n) for n, _, _ in chosen}, indent=2))
                 print(f"round {r + 1}: {name:58s} {ips:8.1f} images/s", file=sys.stderr, flush=True)
                 if skipped:
                     no_graphs[name] = skipped
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in failed.items():
         if name not in best:
             print(f"\n{name} failed: {why[-1000:]}")
-    if a.json:  # images/s per setting; null for a setting that failed in every round
+    if a.json:
         Path(a.json).write_text(json.dumps({name: best.get(name) for name, _, _ in chosen}, indent=2))
     return 1 if any(name not in best for name, _, _ in chosen) else 0
 

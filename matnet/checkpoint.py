@@ -139,15 +139,40 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return gone
 
 
-def remove_new_folders(folders: list[Path]) -> None:
-    """Undo the mkdir of a run refused before it began: remove `folders` (innermost first) while each holds
-    nothing but the lock file. Call while holding that lock."""
-    for d in folders:
+def make_run_folder(folder: str | os.PathLike) -> list[Path]:
+    """mkdir -p `folder`; returns the folders this call created, innermost first (each one's mkdir succeeded
+    here, so none was there before or made by another process)."""
+    target = Path(os.path.abspath(folder))  # abspath: "new/../old" must not pass for a new folder
+    made: set[Path] = set()
+    for attempt in range(3):  # a concurrent remove_new_folders may take a parent away mid-walk: walk again
         try:
-            if any(e.name != LOCK_NAME for e in d.iterdir()):
-                return
-            (d / LOCK_NAME).unlink(missing_ok=True)
+            for p in reversed([p for p in (target, *target.parents) if not p.exists()]):
+                try:
+                    p.mkdir()
+                    made.add(p)
+                except FileExistsError:
+                    pass
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    return sorted(made, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_new_folders(made: list[Path], lock_held_in: Path | None = None) -> None:
+    """Undo `make_run_folder` for a run refused before it began: rmdir each folder it made, innermost first, while
+    it is empty, except for the lock file in `lock_held_in` (the run's own, held by the caller). A folder that
+    holds anything else, another run's lock included, stays, and so does everything above it."""
+    own = None if lock_held_in is None else Path(os.path.abspath(lock_held_in))
+    for d in made:
+        try:
+            if d == own:
+                if any(e.name != LOCK_NAME for e in d.iterdir()):
+                    return
+                (d / LOCK_NAME).unlink(missing_ok=True)
             d.rmdir()
+        except FileNotFoundError:
+            continue  # gone already
         except OSError:
             return
 

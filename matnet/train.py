@@ -48,6 +48,7 @@ from .checkpoint import (
     atomic_write_text,
     config_errors_name,
     load_checkpoint,
+    make_run_folder,
     remove_new_folders,
     remove_stale_temps,
     save_checkpoint,
@@ -522,16 +523,17 @@ class Trainer:
     def __init__(self, cfg: MatNetConfig, opts: TrainOptions):
         self.started = time.monotonic()  # --time-limit counts from here
         self.opts = opts
-        self.out = Path(opts.out_dir)
+        self.out = Path(os.path.normpath(opts.out_dir))  # "new/../old" is old, and must not make "new"
         self.is_main = distributed.is_main()  # rank 0 alone writes into the run folder (and holds its lock)
         self.lock = RunLock(self.out) if self.is_main else distributed.NoLock()
         err: Exception | None = None
-        made = [p for p in (self.out, *self.out.parents) if not p.exists()]  # folders this run creates
+        made: list[Path] = []  # the folders this run created: removed again if it is refused at setup
         try:
             try:
                 if self.out.exists() and not self.out.is_dir():
                     raise ValueError(f"--out {self.out} is a file, not a folder")
-                self.out.mkdir(parents=True, exist_ok=True)
+                if self.is_main:  # the other ranks only read from it
+                    made = make_run_folder(self.out)
                 self.lock.acquire()
                 self._setup(cfg, opts)
             except Exception as e:
@@ -539,8 +541,8 @@ class Trainer:
             distributed.agree(err, "setting up")  # a rank that failed alone must not leave the others waiting
             self._distribute()
         except BaseException:
-            if self.lock.held and made:  # a run refused at setup leaves no empty run folder behind
-                remove_new_folders(made)
+            if self.lock.held:
+                remove_new_folders(made, lock_held_in=self.out)
             self.lock.release()
             raise
 

@@ -38,9 +38,9 @@ PHASE=all
 DRY=0
 while [ $# -gt 0 ]; do
   case "$1" in
-    --phase) PHASE=${2:?--phase needs tests, bench, train or all}; shift 2 ;;
+    --phase) PHASE=${2:?--phase needs a phase}; shift 2 ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/!p}' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1" >&2; exit 2 ;;
     *) OUT=$1; shift ;;
   esac
@@ -92,27 +92,29 @@ EOF
 
 phase_tests() {
   log "phase tests"
-  if [ "$DRY" = 1 ]; then
-    "$PY" -m pytest tests benchmarks -q --collect-only -p no:cacheprovider > "$OUT/tests.log" 2>&1 \
-      || { tail -30 "$OUT/tests.log"; failed "test collection"; }
-    tail -1 "$OUT/tests.log"
-    return
-  fi
-  local par=()
+  local par=() dry=() part sel
   "$PY" -c "import xdist" 2>/dev/null && par=(-n 8 --dist loadfile)
+  [ "$DRY" = 1 ] && dry=(--collect-only)  # the dry run collects with the same command
   # the interpreter is for CPU machines: kernels here must run compiled. The CUDA tests come first, so
   # that a call that runs out of time has run the ones only a GPU can.
-  local part sel
   for part in cuda rest; do
     sel="cuda"; [ "$part" = rest ] && sel="not cuda"
-    env -u TRITON_INTERPRET MATNET_REQUIRE_CUDA=1 "$PY" -m pytest tests -q -p no:cacheprovider "${par[@]}" \
-      -k "$sel" --junitxml="$OUT/tests_$part.xml" 2>&1 | tee "$OUT/tests_$part.log" || failed "tests ($part)"
+    rm -f "$OUT/tests_$part.xml" "$OUT/tests_$part.log"
+    local cmd=(env -u TRITON_INTERPRET "MATNET_REQUIRE_CUDA=$((1 - DRY))" "$PY" -m pytest tests -q -p no:cacheprovider
+               "${par[@]}" "${dry[@]}" -k "$sel" --junitxml="$OUT/tests_$part.xml")
+    if [ "$DRY" = 1 ]; then
+      "${cmd[@]}" > "$OUT/tests_$part.log" 2>&1 || { tail -30 "$OUT/tests_$part.log"; failed "tests ($part)"; }
+      tail -1 "$OUT/tests_$part.log"
+    else
+      "${cmd[@]}" 2>&1 | tee "$OUT/tests_$part.log" || failed "tests ($part)"
+    fi
   done
 }
 
 bench_part() {  # bench_part NAME FILE: the CUDA cases of benchmarks/FILE -> bench_NAME.{json,md}
   local name=$1 file=$2 json="$OUT/bench_$1.json"
   log "phase bench-$name"
+  rm -f "$json" "$OUT/bench_$name.md"  # a part cut off before pytest writes its JSON leaves none
   if [ "$DRY" = 1 ]; then
     local sel="gaussian_sample_kl and cpu and mnist-7x7"
     [ "$name" = models ] && sel="test_loader and cpu and mnist"
@@ -153,8 +155,9 @@ phase_train() {
   fi
   for preset in ${TRAIN_PRESETS:-mnist cifar10}; do
     local batch=$([ "$preset" = cifar10 ] && echo "${TRAIN_BATCH:-256}" || echo 0)  # 0: the preset's (100 for mnist)
+    rm -f "$OUT/train_$preset.json"
     "$PY" benchmarks/train_throughput.py --preset "$preset" --batch "$batch" --steps 30 --device cuda \
-      --json "$OUT/train_$preset.json" 2>&1 | tee "$OUT/train_$preset.md" || failed "train $preset"
+      --timeout 300 --json "$OUT/train_$preset.json" 2>&1 | tee "$OUT/train_$preset.md" || failed "train $preset"
   done
 }
 
@@ -162,6 +165,7 @@ phase_run10() {
   log "phase run10"
   have_data run10 || return 0
   local run="$OUT/run10" rc=0
+  rm -f "$OUT/run10_eval.json"
   if [ "$DRY" = 1 ]; then  # the same two commands on a tiny MNIST model
     "$PY" -m matnet train --preset tiny --data-dir "$MATNET_DATA_DIR" --out "$run" --no-resume --device cpu --steps 3 \
       --batch-size 8 --eval-every 0 --no-progress --threads 1 > "$OUT/run10_train.log" 2>&1 || rc=$?

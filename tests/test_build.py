@@ -163,7 +163,6 @@ def test_cuda_sources_compile(tmp_path):
     nvcc_flags = [
         "-std=c++17",
         "-O3",
-        "--use_fast_math",
         "-arch=sm_80",
         "-D__CUDA_NO_HALF_OPERATORS__",
         "-D__CUDA_NO_HALF_CONVERSIONS__",

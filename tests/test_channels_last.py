@@ -36,12 +36,12 @@ def _op_cases():
 OP_CASES = list(_op_cases())
 
 
-def _outputs(name, args, fmt, **to):
-    """The op's outputs and the gradients of their sum of squares wrt every float tensor argument, with the
-    4-d tensors in layout fmt (and moved/cast by `to`)."""
+def _outputs(name, args, fmt, ops=matnet.ops, **to):
+    """The op's outputs (from `ops`: the dispatching ops, or `reference`) and the gradients of their sum of
+    squares wrt every float tensor argument, with the 4-d tensors in layout fmt (and moved/cast by `to`)."""
     args = [(a.to(**to).contiguous(memory_format=fmt) if a.dim() == 4 else a.to(**to)).detach().requires_grad_()
             if isinstance(a, torch.Tensor) else a for a in args]
-    out = getattr(matnet.ops, name)(*args)
+    out = getattr(ops, name)(*args)
     outs = out if isinstance(out, tuple) else (out,)
     sum(o.pow(2).sum() for o in outs).backward()
     return outs, [a.grad for a in args if isinstance(a, torch.Tensor)]
@@ -64,11 +64,11 @@ def test_op_keeps_channels_last(name, args):
 @pytest.mark.parametrize(("name", "args"), OP_CASES, ids=[c[0] for c in OP_CASES])
 def test_op_keeps_channels_last_cuda(name, args):
     """fp32 on the GPU backends (Triton, CUDA extension): channels_last inputs keep their layout, and the
-    values are as close to the fp64 truth as the NCHW call's (the convolutions run another engine, with
-    other tiles and summation orders, on channels_last)."""
+    values are as close to the fp64 truth as the reference's in fp32 (the convolutions run another engine,
+    with other tiles and summation orders, on channels_last)."""
     with conv_fp32_precision("ieee"):
         outs_cl, grads_cl = _outputs(name, args, CL, device="cuda", dtype=torch.float32)
-        outs, grads = _outputs(name, args, torch.contiguous_format, device="cuda", dtype=torch.float32)
+        outs, grads = _outputs(name, args, torch.contiguous_format, reference, device="cuda", dtype=torch.float32)
     truth_outs, truth_grads = _outputs(name, args, torch.contiguous_format)  # fp64 on the CPU
     for o_cl in outs_cl:
         assert layout(o_cl) is CL, f"{name}: output is not channels_last, strides {o_cl.stride()}"

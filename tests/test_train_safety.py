@@ -17,7 +17,7 @@ from test_train import _opts, _tiny, make_fake_mnist
 
 import matnet
 from matnet import checkpoint, cli
-from matnet.checkpoint import MAGIC, CheckpointError, RunLock, load_checkpoint, save_checkpoint
+from matnet.checkpoint import MAGIC, CheckpointError, FolderLockedError, RunLock, load_checkpoint, save_checkpoint
 from matnet.train import (
     EXIT_DISK_FULL,
     EXIT_DIVERGED,
@@ -375,6 +375,23 @@ def test_a_run_refused_at_setup_leaves_no_new_folder(tmp_path, fake_mnist, capsy
     (out / "notes.txt").write_text("keep")
     assert cli.main(_train_argv(fake_mnist, out / "c", "--steps", "1", "--grad-accum", "3")) == 2
     assert not (out / "c").exists() and (out / "notes.txt").read_text() == "keep"
+    # "new/../keep/run": keep was there before, whatever the unnormalised path says
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    assert cli.main(_train_argv(fake_mnist, tmp_path / "new" / ".." / "keep" / "run", "--steps", "1",
+                                "--grad-accum", "3")) == 2
+    assert keep.is_dir() and not (keep / "run").exists()
+
+
+def test_a_refused_run_leaves_another_runs_folder_and_lock(tmp_path, fake_mnist, capsys):
+    """Run B holds x (made a moment ago, empty but for its lock); run A, refused, cleans up x/y only."""
+    x = tmp_path / "x"
+    x.mkdir()
+    with RunLock(x):
+        assert cli.main(_train_argv(fake_mnist, x / "y", "--steps", "1", "--grad-accum", "3")) == 2
+        assert sorted(p.name for p in x.iterdir()) == [".lock"]
+        with pytest.raises(FolderLockedError):
+            RunLock(x).acquire()  # B's lock still works
 
 
 def test_zero_periods_mean_off(tmp_path, fake_mnist):
