@@ -20,7 +20,8 @@
 #   each preset of TRAIN_PRESETS (default "mnist cifar10"; one preset per call keeps a call short), cifar10 at
 #   global batch TRAIN_BATCH (default 256): train_PRESET.md and .json.
 # Phase "run10" (not in "all"; needs MATNET_DATA_DIR): the "cifar10" preset trained on one GPU for RUN_MINUTES
-#   (default 8) or RUN_STEPS (default 4000) steps, whichever ends first (batch RUN_BATCH, default 512, sqrt LR
+#   (default 6, leaving a 10-minute call room for the install and the evaluation; 10 is the goal where a
+#   call allows it) or RUN_STEPS (default 4000) steps, whichever ends first (batch RUN_BATCH, default 512, sqrt LR
 #   rule, 500 warm-up steps, bf16, channels_last), then its test bits/dim (ELBO on all 10,000 images, IWAE
 #   k=100 on the first 1,000): run10/ (checkpoint, samples.png, kl_per_module.png), run10_train.log and
 #   run10_eval.json.
@@ -177,7 +178,7 @@ phase_run10() {
   # exit 5: stopped by --time-limit after writing its checkpoint, the expected end of this phase
   "$PY" -m matnet train --preset cifar10 --data-dir "$MATNET_DATA_DIR" --out "$run" --no-resume --device cuda \
     --batch-size "${RUN_BATCH:-512}" --lr-scaling sqrt --warmup-steps 500 --precision bf16 --channels-last \
-    --steps "${RUN_STEPS:-4000}" --time-limit "${RUN_MINUTES:-8}" --eval-every 0 --log-every 100 --no-progress \
+    --steps "${RUN_STEPS:-4000}" --time-limit "${RUN_MINUTES:-6}" --eval-every 0 --log-every 100 --no-progress \
     2>&1 | tee "$OUT/run10_train.log" || rc=$?
   if [ $rc != 0 ] && [ $rc != 5 ]; then failed "run10 training (exit $rc)"; return 0; fi
   "$PY" -m matnet eval "$run/checkpoint.pt" --data-dir "$MATNET_DATA_DIR" --device cuda --k 100 \
