@@ -117,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
                 except SettingFailed as e:
                     failed.setdefault(name, str(e))
                     print(f"round {r + 1}: {name:58s} FAILED: {e}", file=sys.stderr, flush=True)
-                    continue
-                best[name] = max(best.get(name, 0.0), ips)
-                if a.json:  # images/s per setting; null for one that has not run or failed in every round
+                else:
+                    best[name] = max(best.get(name, 0.0), ips)
+                    print(f"round {r + 1}: {name:58s} {ips:8.1f} images/s", file=sys.stderr, flush=True)
+                    if skipped:
+                        no_graphs[name] = skipped
+                if a.json:  # after every setting: images/s, null for one not run yet or failed in every round
                     Path(a.json).write_text(json.dumps({n: best.get(n) for n, _, _ in chosen}, indent=2))
-                print(f"round {r + 1}: {name:58s} {ips:8.1f} images/s", file=sys.stderr, flush=True)
-                if skipped:
-                    no_graphs[name] = skipped
     base = best.get(chosen[0][0])
     print(f"\n{a.preset}, global batch {a.batch or 'of the preset'}, {a.device}, {a.threads} threads, "
           f"best of {a.rounds}")
@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in failed.items():
         if name not in best:
             print(f"\n{name} failed: {why[-1000:]}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({name: best.get(name) for name, _, _ in chosen}, indent=2))
     return 1 if any(name not in best for name, _, _ in chosen) else 0
 
 
