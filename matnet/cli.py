@@ -27,6 +27,7 @@ from . import distributed
 from .checkpoint import atomic_write_text
 from .config import PRESETS, MatNetConfig, check_field_types, field_default
 from .masks import SPEC_FORMS, parse_mask_spec
+from .memory import keep_freed_memory
 from .train import EXIT_DIVERGED, EXIT_TIME_LIMIT, EXIT_USAGE, TrainOptions, strict_json
 
 log = logging.getLogger("matnet.cli")
@@ -488,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     try:
+        if keep_freed_memory():
+            log.info("freed CPU memory is kept for reuse (glibc malloc; MATNET_KEEP_FREED_MEMORY=0 turns it off)")
         _resolve_ops(a)
         return a.fn(a)
     except KeyboardInterrupt:
