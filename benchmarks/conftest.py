@@ -8,7 +8,9 @@ training steps, sampling and IWAE evaluation.
 Environment: MATNET_BENCH_QUICK=1 shrinks every shape (always on with --benchmark-disable);
 MATNET_BENCH_NO_COMPILE=1 skips the torch.compile(MatNet) benchmarks; MATNET_BENCH_MODEL_ROUNDS sets
 the number of timed rounds of the model benchmarks (default 3 on CPU, 20 on CUDA);
-MATNET_BENCH_THREADS=N sets torch's CPU threads (default: torch's own; 1 in quick mode).
+MATNET_BENCH_THREADS=N sets torch's CPU threads (default: torch's own; 1 in quick mode);
+MATNET_KEEP_FREED_MEMORY=0 measures with glibc's own malloc instead of the kept memory of the `matnet`
+command (matnet.memory).
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ if _HERE not in sys.path:
 import benchutil  # noqa: E402
 
 
+def pytest_configure(config):
+    from matnet.memory import keep_freed_memory
+
+    config._matnet_kept_memory = keep_freed_memory()  # as the `matnet` command runs
+
+
 def pytest_report_header(config):
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"
     quick = benchutil.env_flag(benchutil.QUICK_ENV) or bool(config.getoption("benchmark_disable", False))
     return (f"matnet benchmarks: torch {torch.__version__}, {torch.get_num_threads()} CPU threads "
-            f"({benchutil.cpu_name()}), CUDA: {cuda}, quick mode: {quick}")
+            f"({benchutil.cpu_name()}), CUDA: {cuda}, quick mode: {quick}, "
+            f"freed memory kept: {config._matnet_kept_memory}")
 
 
 @pytest.fixture(autouse=True)

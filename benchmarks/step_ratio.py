@@ -4,7 +4,8 @@ turn, so a machine that slows down or speeds up during the run weighs on all of 
     python benchmarks/step_ratio.py --preset mnist --batch 100 --rounds 20 --threads 2 \
         [--models reference,fast-cl,fast-cl-bf16,compiled] [--malloc kept|default]
 
-The step is test_bench_model.py's (same models, same weights, same batch; Adam with gradient clipping).
+Models, weights and batch come from test_bench_model.py (build, make_batch); the step is its CPU training
+step (forward, backward, gradient clipping, Adam).
 --malloc kept (the default): freed memory kept for reuse, as the `matnet` command sets it (matnet.memory);
 default: glibc's own malloc. With glibc's own, models in one process share its adaptive thresholds and slow
 whichever runs after another: measure that case one model per process (--models reference, ...).
