@@ -47,7 +47,8 @@ def test_kept_memory_removes_the_page_faults_of_each_step():
     assert (applied_default, applied) == ("False", "True")
     # glibc's default maps each step's large activations afresh: thousands of faults per step
     assert default > 500, default
-    assert kept < default / 100, (kept, default)
+    # kept: almost none (0.2 per step here with one OpenMP thread, 79 with OMP_NUM_THREADS=4, against 5,400)
+    assert kept < default / 10, (kept, default)
 
 
 def test_switch_and_bad_value(monkeypatch):
