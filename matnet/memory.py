@@ -3,7 +3,7 @@ heap instead of fresh pages.
 
 By default glibc hands freed blocks above an adaptive threshold back to the kernel and trims the top of the
 heap, so every training step maps its large activations afresh and the kernel zero-fills each page again:
-17,000-30,000 minor page faults per "mnist" step of batch 100, 5-15% of a CPU step (benchmarks/RESULTS.md).
+17,000-30,000 minor page faults per "mnist" step of batch 100, 7-11% of its time (benchmarks/RESULTS.md).
 With the mmap threshold fixed at glibc's maximum (32 MiB; larger blocks are still mapped) and trimming off,
 those blocks stay in the heap and the next step reuses them. The cost: the process keeps its peak heap until
 it exits. The `matnet` command applies this at start; set MATNET_KEEP_FREED_MEMORY=0 to leave malloc as is.
