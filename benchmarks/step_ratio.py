@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -50,8 +49,7 @@ def _step_fn(impl: str, preset: str, batch: int):
 
 
 def measure(a: argparse.Namespace) -> dict:
-    os.environ[memory.ENV] = "1" if a.malloc == "kept" else "0"
-    memory.keep_freed_memory()
+    kept = a.malloc == "kept" and memory.keep_freed_memory()  # off glibc or with MATNET_KEEP_FREED_MEMORY=0: not
     if a.threads:
         torch.set_num_threads(a.threads)
     impls = tuple(a.models.split(","))
@@ -65,8 +63,8 @@ def measure(a: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             steps[impl]()
             times[impl].append(time.perf_counter() - t0)
-    res = {"malloc": a.malloc, "threads": torch.get_num_threads(), "preset": a.preset, "batch": a.batch,
-           "rounds": a.rounds, "median_ms": {i: 1e3 * statistics.median(t) for i, t in times.items()}}
+    res = {"malloc": "kept" if kept else "default", "threads": torch.get_num_threads(), "preset": a.preset,
+           "batch": a.batch, "rounds": a.rounds, "median_ms": {i: 1e3 * statistics.median(t) for i, t in times.items()}}
     if "reference" in times:
         ref = times["reference"]
         res["ratio_to_reference"] = {i: statistics.median(r / t for r, t in zip(ref, ts)) for i, ts in times.items()}
