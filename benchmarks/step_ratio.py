@@ -4,8 +4,8 @@ turn, so a machine that slows down or speeds up during the run weighs on all of 
     python benchmarks/step_ratio.py --preset mnist --batch 100 --rounds 20 --threads 2 \
         [--models reference,fast-cl,fast-cl-bf16,compiled] [--malloc kept|default]
 
-Models, weights and batch come from test_bench_model.py (build, make_batch); the step is its CPU training
-step (forward, backward, gradient clipping, Adam).
+Models, weights and batch come from test_bench_model.py (build, make_batch); the step is forward, backward,
+gradient clipping and the trainer's Adam (matnet.optim.build_optimizer: fused on CPU).
 --malloc kept (the default): freed memory kept for reuse, as the `matnet` command sets it (matnet.memory);
 default: glibc's own malloc. With glibc's own, models in one process share its adaptive thresholds and slow
 whichever runs after another: measure that case one model per process (--models reference, ...).
@@ -24,6 +24,7 @@ import torch
 from test_bench_model import build, make_batch
 
 from matnet import memory
+from matnet.optim import build_optimizer
 
 IMPLS = ("reference", "fast-cl", "fast-cl-bf16", "compiled")
 
@@ -34,7 +35,7 @@ def _step_fn(impl: str, preset: str, batch: int):
     if "-cl" in impl:
         x = x.contiguous(memory_format=torch.channels_last)
     params = list(model.parameters())
-    opt = torch.optim.Adam(params, lr=model.cfg.lr, betas=model.cfg.adam_betas)
+    opt = build_optimizer(model, model.cfg, model.cfg.lr, torch.device("cpu"))
     forward = torch.compile(model) if impl == "compiled" else model
 
     def step():

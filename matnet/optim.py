@@ -45,9 +45,11 @@ def param_groups(model: nn.Module, cfg: MatNetConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: MatNetConfig, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with the config's betas and eps over `param_groups`; fused (one kernel for all params) on CUDA."""
+    """Adam with the config's betas and eps over `param_groups`; fused (one kernel for all params) on CUDA and
+    CPU, where the per-parameter loop costs ~9 ms of a ~270 ms `mnist` step and the fused one ~1.5 ms (same
+    updates up to rounding)."""
     return torch.optim.Adam(param_groups(model, cfg), lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
-                            fused=device.type == "cuda" or None)
+                            fused=device.type in ("cuda", "cpu") or None)
 
 
 @torch.no_grad()

@@ -132,7 +132,8 @@ def plot_nll(rows: list[dict], path: str | os.PathLike, unit: str = "nats") -> N
     ax.set_xlabel("training step")
     ax.set_ylabel(f"negative log-likelihood bound ({unit})")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no rows yet (e.g. every step so far skipped): no empty legend
+        ax.legend()
     fig.tight_layout()
     try:
         atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:].lower() or "png"))

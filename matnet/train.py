@@ -5,7 +5,7 @@ run folder, checkpoint-and-exit on SIGTERM/SIGINT, periodic IWAE evaluation and 
 
 Options for speed at scale: mixed precision (autocast; fp16 with a checkpointed GradScaler),
 channels_last, torch.compile, fused ops, gradient accumulation, LR warm-up and large-batch LR scaling,
-fused Adam on CUDA, a wall-clock time limit and time-based checkpoints.
+fused Adam (CUDA and CPU), a wall-clock time limit and time-based checkpoints.
 
 Under torchrun (WORLD_SIZE > 1) the same Trainer runs on every rank with DDP (matnet.distributed): each
 rank holds its rows of the global batch, noise and augmentation are drawn per global example, every
@@ -150,7 +150,7 @@ class TrainOptions:
     resume: bool = _opt(True, "resume from the checkpoint in --out")
     ops: str = _opt("auto", "fast: the fused ops (FastMatNet); reference: plain torch ops; auto: fast wherever "
                            "they are faster, which is on CUDA (Triton/CUDA kernels) and on CPU too (C++ "
-                           "likelihood and KL kernels; 1.0-1.2x for the mnist preset)", choices=OPS,
+                           "likelihood and KL kernels; see README for measured ratios)", choices=OPS,
                     alias=("--fast", "fast"))
     precision: str = _opt("fp32", "fp32, or autocast of the forward pass to bf16 or fp16 (fp16 adds a "
                                   "GradScaler); likelihoods and KL stay fp32", choices=tuple(PRECISIONS))
@@ -163,7 +163,7 @@ class TrainOptions:
                                         "for small batches", choices=tuple(COMPILE_MODES))
     grad_accum: int = _opt(1, "micro-batches per optimizer step, >= 1; --batch-size (the global batch) is "
                               "split into this many equal parts")
-    warmup_steps: int = _opt(0, "steps of linear LR warm-up from 0 (0: off)")
+    warmup_steps: int = _opt(0, "steps of linear LR warm-up from lr/W to lr (0: off)")
     lr_scaling: str = _opt("none", "large-batch LR rule: lr x (batch / --lr-base-batch) ** p, p = 0 (none), "
                                    "1/2 (sqrt) or 1 (linear)", choices=tuple(LR_SCALING))
     lr_base_batch: int = _opt(64, "batch size the config's lr is meant for (with --lr-scaling), >= 1")

@@ -100,9 +100,9 @@ def test_grad_accum_must_divide_the_batch(tmp_path, fake_mnist):
         Trainer(_tiny(), _quiet(tmp_path, fake_mnist, grad_accum=3))
 
 
-def test_ops_auto_is_fast_and_adam_is_plain_on_cpu(tmp_path, fake_mnist):
+def test_ops_auto_is_fast_and_adam_is_fused_on_cpu(tmp_path, fake_mnist):
     tr = Trainer(_tiny(), _quiet(tmp_path / "a", fake_mnist))
-    assert isinstance(tr.model, matnet.FastMatNet) and not tr.opt.defaults["fused"]
+    assert isinstance(tr.model, matnet.FastMatNet) and tr.opt.defaults["fused"]
     tr.close()
     tr = Trainer(_tiny(), _quiet(tmp_path / "b", fake_mnist, ops="reference"))
     assert type(tr.model) is matnet.MatNet
