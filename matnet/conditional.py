@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .autoregressive import ARDecoder
@@ -33,10 +32,13 @@ from .model import MatNet, MatNetOutput, _Trace, clip_logits
 from .modules import (
     BUModule,
     GRUMergeModule,
+    GRUUpdate,
     MergeModule,
     ResidualBlock,
     UsesOps,
     downsample,
+    fc_decode,
+    fc_encode,
     make_out_up,
     make_stem,
     orthogonal_init_,
@@ -50,13 +52,6 @@ def _widths(cfg: MatNetConfig) -> tuple[tuple[int, ...], int, tuple[int, ...], t
     if cfg.fully_connected:
         return (cfg.fc_width,), 1, (cfg.fc_modules,), (1,)
     return cfg.scale_widths, cfg.kernel_size, cfg.modules_per_scale, cfg.scale_sizes
-
-
-class _GRUUpdate(nn.GRUCell):
-    """The TD update of a fully-connected MatNet: h_t(i+1) = GRU(z_i, h_t(i)) on [B, W, 1, 1] states."""
-
-    def forward(self, h_t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(z.flatten(1), h_t.flatten(1))[:, :, None, None]
 
 
 class _Encoder(nn.Module):
@@ -87,8 +82,7 @@ class _Encoder(nn.Module):
         self.merge_up = nn.ModuleList(upsample(W[j], s, W[j + 1]) for j in range(len(counts) - 1))
 
     def z0(self, h_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.leaky_relu(self.z0_in(h_b.flatten(1)), self.cfg.slope)[:, :, None, None]
-        return self.z0_out(self.z0_module(h).flatten(1)).chunk(2, dim=1)
+        return fc_encode(h_b, self.z0_in, self.z0_module, self.z0_out, self.cfg.slope)
 
 
 class _Stage(nn.Module):
@@ -110,7 +104,7 @@ class _Stage(nn.Module):
         self.top_out = nn.Linear(cfg.fc_width, W[0] * sizes[0] ** 2)
         gru = cfg.fully_connected and cfg.fc_update == "gru"
         self.td = nn.ModuleList(nn.ModuleList(
-            _GRUUpdate(cfg.z_channels, W[j]) if gru else ResidualBlock(W[j], cfg.z_channels, k, s)
+            GRUUpdate(cfg.z_channels, W[j]) if gru else ResidualBlock(W[j], cfg.z_channels, k, s)
             for _ in range(m)) for j, m in enumerate(counts))
         self.td_up = nn.ModuleList(upsample(W[j], s, W[j + 1]) for j in range(len(counts) - 1))
         self.dist = make_output_distribution(cfg)
@@ -132,9 +126,7 @@ class _Stage(nn.Module):
         self.latent_scale = nn.Parameter(torch.tensor(float(cfg.latent_scale))) if cfg.latent_scale else None
 
     def top(self, z0: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.top_in(z0), self.cfg.slope)[:, :, None, None]
-        h = F.leaky_relu(self.top_out(self.top_module(h).flatten(1)), self.cfg.slope)
-        return h.view(-1, *self.shape)
+        return fc_decode(z0, self.top_in, self.top_module, self.top_out, self.shape, self.cfg.slope)
 
 
 def masked_nll(dist: OutputDistribution, x: torch.Tensor, params: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

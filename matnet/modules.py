@@ -91,19 +91,23 @@ class TDModule(nn.Module):
         return self.update(h_t, z)
 
 
-class GRUTDModule(nn.Module):
-    """TD module of a fully-connected MatNet: a stochastic GRU-style update h_t(i+1) = GRU(z_i, h_t(i)).
+class GRUUpdate(nn.GRUCell):
+    """The TD update of a fully-connected MatNet: h_t(i+1) = GRU(z_i, h_t(i)) on [B, W, 1, 1] states."""
 
-    States are [B, W, 1, 1]; the prior head is Eq. 8 with 1x1 kernels.
-    """
+    def forward(self, h_t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(z.flatten(1), h_t.flatten(1))[:, :, None, None]
+
+
+class GRUTDModule(nn.Module):
+    """TD module of a fully-connected MatNet: a prior head (Eq. 8 with 1x1 kernels) and a `GRUUpdate`."""
 
     def __init__(self, width: int, z_channels: int, slope: float = 0.1):
         super().__init__()
         self.prior = PriorHead(width, z_channels, 1, slope)
-        self.update = nn.GRUCell(z_channels, width)
+        self.update = GRUUpdate(z_channels, width)
 
     def forward(self, h_t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.update(z.flatten(1), h_t.flatten(1))[:, :, None, None]
+        return self.update(h_t, z)
 
 
 class MergeModule(nn.Module):
@@ -154,13 +158,27 @@ class FCTop(nn.Module):
         self.td_out = nn.Linear(width, flat)
 
     def encode(self, h_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = F.leaky_relu(self.bu_in(h_b.flatten(1)), self.slope)[:, :, None, None]
-        return self.bu_out(self.bu_module(h).flatten(1)).chunk(2, dim=1)
+        return fc_encode(h_b, self.bu_in, self.bu_module, self.bu_out, self.slope)
 
     def decode(self, z0: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.td_in(z0), self.slope)[:, :, None, None]
-        h = F.leaky_relu(self.td_out(self.td_module(h).flatten(1)), self.slope)
-        return h.view(-1, *self.shape)
+        return fc_decode(z0, self.td_in, self.td_module, self.td_out, self.shape, self.slope)
+
+
+def fc_encode(h_b: torch.Tensor, fc_in: nn.Linear, module: BUModule, fc_out: nn.Linear,
+              slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """f_0^b: the last BU state -> FC -> residual FC module -> [mu0; logvar0] (FCTop.encode; the z0 heads of
+    a conditional MatNet)."""
+    h = F.leaky_relu(fc_in(h_b.flatten(1)), slope)[:, :, None, None]
+    return fc_out(module(h).flatten(1)).chunk(2, dim=1)
+
+
+def fc_decode(z0: torch.Tensor, fc_in: nn.Linear, module: BUModule, fc_out: nn.Linear, shape: tuple[int, ...],
+              slope: float) -> torch.Tensor:
+    """The TD network's input layer: z0 -> FC -> residual FC module -> FC -> the first TD state [B, *shape]
+    (FCTop.decode; the TD top of a conditional MatNet)."""
+    h = F.leaky_relu(fc_in(z0), slope)[:, :, None, None]
+    h = F.leaky_relu(fc_out(module(h).flatten(1)), slope)
+    return h.view(-1, *shape)
 
 
 class MixturePrior(nn.Module):
