@@ -71,7 +71,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], wha
             kept = f"the previous {what} is kept" if path.exists() else f"no {what} was written"
             raise DiskFullError(e.errno, f"disk full while writing {path} ({os.strerror(e.errno)}); {kept}") from e
         if isinstance(e, OSError) and e.errno is not None:
-            raise OSError(e.errno, f"could not write {path}: {e}") from e
+            raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
         raise
 
 

@@ -28,7 +28,7 @@ from .checkpoint import atomic_write_text
 from .config import PRESETS, MatNetConfig, check_field_types, field_default
 from .masks import SPEC_FORMS, parse_mask_spec
 from .memory import keep_freed_memory
-from .train import EXIT_DIVERGED, EXIT_TIME_LIMIT, EXIT_USAGE, TrainOptions, strict_json
+from .train import EXIT_DIVERGED, EXIT_TIME_LIMIT, EXIT_USAGE, TrainOptions, check_seed, strict_json
 
 log = logging.getLogger("matnet.cli")
 
@@ -77,6 +77,9 @@ class EvalOptions:
             raise ValueError(f"--finetune-lr must be a number in (0, 1], got {self.finetune_lr}")
         if self.finetune_lr != field_default("finetune_lr", EvalOptions) and not self.finetune_inference_epochs:
             raise ValueError("--finetune-lr needs --finetune-inference-epochs N (fine-tuning is off by default)")
+        if self.val_size is not None and self.split == "test":
+            raise ValueError("--val-size splits the training images (--split train or val); it has no effect on "
+                             "--split test")
         _check_out(self.out)
 
 
@@ -124,6 +127,8 @@ class InpaintOptions:
             raise ValueError("--folder is empty: give a folder of image files")
         if self.folder is not None and self.dataset is not None:
             raise ValueError("give --folder or --dataset, not both")
+        if self.folder is not None and self.split != field_default("split", InpaintOptions):
+            raise ValueError("give --folder or --split, not both (a folder has no splits)")
         _check_out(self.out, image=True)
 
 
@@ -233,7 +238,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     res = train(cfg, opts)
     if distributed.is_main():
         print(json.dumps(strict_json({k: v for k, v in res.items() if not isinstance(v, list)})))
-        print(f"outputs in {opts.out_dir}: checkpoint.pt metrics.jsonl nll.png samples.png kl_per_module.png")
+        names = ("checkpoint.pt", "metrics.jsonl", "nll.png", "samples.png", "kl_per_module.png")
+        print(f"outputs in {opts.out_dir}: {' '.join(n for n in names if (Path(opts.out_dir) / n).exists())}")
     return 0
 
 
@@ -250,8 +256,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
         return _eval_inpaint(o, a, dev)
     if o.finetune_inference_epochs and distributed.world() > 1:
         raise ValueError("--finetune-inference-epochs runs in one process: launch this eval without torchrun")
-    if o.mask is not None:
-        raise ValueError(f"--mask is for inpainting checkpoints; {o.checkpoint} is a density model")
+    if o.mask is not None or o.mask_seed != field_default("mask_seed", EvalOptions):
+        flag = "--mask" if o.mask is not None else "--mask-seed"
+        raise ValueError(f"{flag} is for inpainting checkpoints; {o.checkpoint} is a density model")
     model = load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
@@ -266,9 +273,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
         tuned = finetune_inference(model, data, n, o.finetune_inference_epochs, o.finetune_lr, o.batch_size,
                                    seed=a.seed, device=dev, progress=True)
         elbo = evaluate(tuned, data, n, 0, 0, batch_size=o.batch_size, seed=a.seed, device=dev)["elbo"]
-        if not math.isfinite(elbo):  # before the long IWAE pass
-            raise TrainingDiverged(f"fine-tuning the inference network diverged (ELBO {elbo}); try a smaller "
-                                   f"--finetune-lr than {o.finetune_lr} (the original: 1e-5 to 3e-5)")
+        if not math.isfinite(elbo):  # before the long IWAE pass; the plain bounds are kept
+            _emit({**res, "finetune_diverged": True, "step": load_checkpoint(o.checkpoint).get("step")}, o.out)
+            raise TrainingDiverged(f"fine-tuning the inference network diverged (ELBO {elbo}); the bounds without "
+                                   f"it are above; try a smaller --finetune-lr than {o.finetune_lr} (the original: "
+                                   "1e-5 to 3e-5)")
+        if elbo > res["elbo"]:  # it minimised this very -ELBO on these images: worse means too large a step
+            log.warning("fine-tuning made the -ELBO worse (%.2f -> %.2f): --finetune-lr %g is likely too large "
+                        "(the original: 1e-5 to 3e-5)", res["elbo"], elbo, o.finetune_lr)
         ft = evaluate(tuned, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev, progress=True,
                       chunk=o.chunk)
         res.update({f"{key}_finetuned": ft[key] for key in ("elbo", "iwae") if key in ft})
@@ -424,7 +436,8 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     n = min(o.n_images or len(data), len(data))
     x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))
     labels = data.labels[:n] if dataset != "folder" else None  # image folders carry no labels
-    res = clustering.cluster_report(model, x, labels=labels, out_png=o.out)
+    n_classes = None if labels is None else int(data.labels.max()) + 1  # the split's, not the subset's
+    res = clustering.cluster_report(model, x, labels=labels, out_png=o.out, n_classes=n_classes)
     _emit({**res, "images": n, "split": o.split, "dataset": dataset, "out": o.out}, None)
     return 0
 
@@ -489,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     try:
+        if hasattr(a, "seed"):
+            check_seed(a.seed)
         if keep_freed_memory():
             log.info("freed CPU memory is kept for reuse (glibc malloc; MATNET_KEEP_FREED_MEMORY=0 turns it off)")
         _resolve_ops(a)

@@ -6,7 +6,8 @@ their label:
   that maximises the number of correct examples (Hungarian, ``scipy.optimize.linear_sum_assignment``);
 - K > C: each cluster takes its majority label (several clusters may share a class), the usual rule
   for over-clustering, e.g. K = 50 on Omniglot.
-Class ids are 0..C-1 with C = max(label) + 1; cluster ids are 0..K-1.
+Class ids are 0..C-1 with C = `n_classes` (the dataset's: a subset may lack some classes), by default
+max(label) + 1; cluster ids are 0..K-1.
 """
 
 from __future__ import annotations
@@ -35,19 +36,24 @@ def _ids(name: str, x: IntArray) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def confusion(assign: IntArray, labels: IntArray, n_clusters: int | None = None) -> np.ndarray:
+def _count(name: str, n: int | None, low: int, what: str) -> int:
+    if n is None:
+        return low
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < low:
+        raise ValueError(f"{name} must be an integer >= {what} = {low}, got {n!r}")
+    return int(n)
+
+
+def confusion(assign: IntArray, labels: IntArray, n_clusters: int | None = None,
+              n_classes: int | None = None) -> np.ndarray:
     """Counts [K, C]: entry (k, c) is the number of examples in cluster k with label c."""
     a, y = _ids("assign", assign), _ids("labels", labels)
     if len(a) != len(y):
         raise ValueError(f"assign and labels differ in length: {len(a)} vs {len(y)}")
     if len(a) == 0:
         raise ValueError("assign and labels are empty")
-    k_min = int(a.max()) + 1
-    if n_clusters is None:
-        n_clusters = k_min
-    elif isinstance(n_clusters, bool) or not isinstance(n_clusters, (int, np.integer)) or n_clusters < k_min:
-        raise ValueError(f"n_clusters must be an integer >= max(assign) + 1 = {k_min}, got {n_clusters!r}")
-    n_classes = int(y.max()) + 1
+    n_clusters = _count("n_clusters", n_clusters, int(a.max()) + 1, "max(assign) + 1")
+    n_classes = _count("n_classes", n_classes, int(y.max()) + 1, "max(labels) + 1")
     return np.bincount(a * n_classes + y, minlength=n_clusters * n_classes).reshape(n_clusters, n_classes)
 
 
@@ -61,18 +67,21 @@ def _match(conf: np.ndarray) -> np.ndarray:
     return out
 
 
-def match_clusters(assign: IntArray, labels: IntArray, n_clusters: int | None = None) -> np.ndarray:
+def match_clusters(assign: IntArray, labels: IntArray, n_clusters: int | None = None,
+                   n_classes: int | None = None) -> np.ndarray:
     """The class of each cluster, [K] int64: a one-to-one (Hungarian) matching when K <= C, the
     majority label of each cluster when K > C."""
-    return _match(confusion(assign, labels, n_clusters))
+    return _match(confusion(assign, labels, n_clusters, n_classes))
 
 
-def cluster_accuracy(assign: IntArray, labels: IntArray, n_clusters: int | None = None) -> float:
+def cluster_accuracy(assign: IntArray, labels: IntArray, n_clusters: int | None = None,
+                     n_classes: int | None = None) -> float:
     """Fraction of examples whose cluster is matched to their label (see the module docstring for
     the matching rule). ``assign`` and ``labels`` are 1-D non-negative integer ids of equal length
     (tensors, arrays or lists); ``n_clusters`` defaults to max(assign) + 1 and should be the
-    model's K, so that empty components still count when choosing the rule."""
-    conf = confusion(assign, labels, n_clusters)
+    model's K, so that empty components still count when choosing the rule; ``n_classes`` likewise
+    defaults to max(labels) + 1 and should be the dataset's class count."""
+    conf = confusion(assign, labels, n_clusters, n_classes)
     return float(conf[np.arange(conf.shape[0]), _match(conf)].sum() / conf.sum())
 
 
@@ -118,11 +127,13 @@ def kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10,
 
 @torch.no_grad()
 def cluster_report(model: torch.nn.Module, data_x: torch.Tensor, labels: IntArray | None = None,
-                   out_png: str | os.PathLike | None = None, batch_size: int = 256, per_row: int = 10) -> dict:
+                   out_png: str | os.PathLike | None = None, batch_size: int = 256, per_row: int = 10,
+                   n_classes: int | None = None) -> dict:
     """Assign each image of data_x [N, C, H, W] (data space, any device) to a mixture component of z0 with
     `model.cluster`; report the component sizes and, given labels, the clustering accuracy (Hungarian when
-    K <= number of classes, majority label when K is larger); with out_png, write the Fig. 3 grid (one row of
-    images per non-empty component, `matnet.plots.save_cluster_grid`)."""
+    K <= n_classes, majority label when K is larger; n_classes: the dataset's class count, by default
+    max(labels) + 1); with out_png, write the Fig. 3 grid (one row of images per non-empty component,
+    `matnet.plots.save_cluster_grid`)."""
     k = model.cfg.prior_components
     p = next(model.parameters())
     assign = torch.cat([model.cluster(data_x[i: i + batch_size].to(p.device, p.dtype)).cpu()
@@ -131,8 +142,8 @@ def cluster_report(model: torch.nn.Module, data_x: torch.Tensor, labels: IntArra
     report: dict = {"n_images": len(assign), "n_components": k, "n_used": int((counts > 0).sum()),
                     "counts": counts.tolist()}
     if labels is not None:
-        n_classes = int(_ids("labels", labels).max()) + 1
-        report["accuracy"] = cluster_accuracy(assign, labels, k)
+        n_classes = confusion(assign, labels, k, n_classes).shape[1]
+        report["accuracy"] = cluster_accuracy(assign, labels, k, n_classes)
         report["matching"] = "hungarian" if k <= n_classes else "majority"
     if out_png is not None:
         from .plots import save_cluster_grid

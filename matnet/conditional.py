@@ -28,7 +28,7 @@ from .distributions import (
     OutputDistribution,
     make_output_distribution,
 )
-from .model import MatNet, MatNetOutput, _Trace, clip_logits
+from .model import MatNet, MatNetOutput, _Trace, check_generated, clip_logits
 from .modules import (
     BUModule,
     GRUMergeModule,
@@ -365,6 +365,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
         B = xk.shape[0]
         xk, m = xk.repeat(n, 1, 1, 1), m.repeat(n, 1, 1, 1)  # sample-major: row s * B + b
         stage, h, x_fill = self._generate(xk, m, temperature)
+        check_generated(h, temperature)
         pick = self.dist.mean if mean else self.dist.sample
         if stage.ar is None:
             out = pick(stage.output_params(h, None))

@@ -245,7 +245,7 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     """All image files below ``root`` (recursive), sorted by path."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+        raise DataError(f"image folder {root} {'is a file, not a folder' if root.exists() else 'does not exist'}")
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
@@ -392,7 +392,8 @@ class BatchLoader:
         for k in ("num_images", "batch_size", "shuffle", "drop_last"):
             mine = len(self.dataset) if k == "num_images" else getattr(self, k)
             if state[k] != mine:
-                raise ValueError(f"loader state has {k}={state[k]}, this loader has {mine}")
+                hint = " (the training images differ: another --val-size or dataset?)" if k == "num_images" else ""
+                raise ValueError(f"loader state has {k}={state[k]}, this loader has {mine}{hint}")
         if state.get("hflip", False) != self.hflip:
             raise ValueError(f"loader state has hflip={state.get('hflip', False)}, this loader has {self.hflip}")
         self._order_gen.set_state(state["order_gen"])  # state at the start of the current epoch

@@ -46,6 +46,15 @@ class MatNetOutput:
     log_weight: torch.Tensor | None = None  # [B] log p(x, z) - log q(z | x) at the sampled z
 
 
+def check_generated(h: torch.Tensor, temperature: float) -> torch.Tensor:
+    """h, the generation pass's last TD features, if finite; else one clear error (a high temperature scales
+    every latent draw, and the features can overflow to inf and NaN)."""
+    if not torch.isfinite(h).all():
+        raise ValueError(f"generation overflowed at temperature {temperature:g}: the top-down features are not "
+                         "finite; use a lower temperature")
+    return h
+
+
 def clip_logits(cfg: MatNetConfig, params: torch.Tensor) -> torch.Tensor:
     """The original's output clip: Bernoulli logits clamped to +-cfg.logit_clip (0: unchanged)."""
     return params.clamp(-cfg.logit_clip, cfg.logit_clip) if cfg.logit_clip else params
@@ -325,7 +334,7 @@ class MatNet(UsesOps, nn.Module):
         """n images [n, C, H, W] in data space. mean=True returns E[x | z] (the mode for the logistic
         likelihoods) instead of a draw, as is customary for displaying binary data; with the AR decoder,
         8-bit images are then decoded greedily and binary ones show each pixel's mean given drawn pixels."""
-        h = self.generate_features(n, temperature)
+        h = check_generated(self.generate_features(n, temperature), temperature)
         pick = self.dist.mean if mean else self.dist.sample
         dtype = next(self.parameters()).dtype  # the data's dtype, also under autocast (h is bf16 there)
         if self.ar is None:

@@ -17,6 +17,7 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, sign
     """[N, C, H, W] in data space -> uint8 [rows*H, cols*W, 3] grid. signed: data in [-1, 1] (8-bit data)
     rather than [0, 1] (binary data); None guesses from the values."""
     x = images.detach().float().cpu()
+    _check_finite(x)
     if signed if signed is not None else bool(x.min() < 0):
         x = (x + 1) / 2
     x = x.clamp(0, 1)
@@ -30,6 +31,11 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, sign
         r, c = divmod(i, nrow)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = x[i]
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():  # a cast to uint8 would silently turn NaN into a colour
+        raise ValueError("the images hold non-finite values (NaN or inf); no image written")
 
 
 def image_format(path: str | os.PathLike) -> str:
@@ -157,6 +163,8 @@ def save_image_rows(rows: list[torch.Tensor], path: str | os.PathLike, pad: int 
     different numbers of images: short rows are left blank on the right."""
     if not rows or any(r.dim() != 4 or r.shape[1] != 3 for r in rows):
         raise ValueError("save_image_rows needs a non-empty list of [n, 3, H, W] tensors")
+    for r in rows:
+        _check_finite(r)
     h, w = rows[0].shape[2:]
     ncol = max(1, max(len(r) for r in rows))
     grid = torch.full((3, len(rows) * (h + pad) + pad, ncol * (w + pad) + pad), background)

@@ -53,7 +53,7 @@ from .checkpoint import (
     remove_stale_temps,
     save_checkpoint,
 )
-from .config import MatNetConfig, check_field_types
+from .config import MatNetConfig, check_field_types, field_default
 from .data import HFLIP_DATASETS, BatchLoader, ImageDataset, load_dataset
 from .distributed import Rows
 from .inpaint import TASKS, InpaintTask, resolve
@@ -127,6 +127,12 @@ def _opt(default: Any, help: str, flag: str | None = None, **meta: Any) -> Any:
     """A TrainOptions field: its default and help are the CLI flag's (the CLI is generated from them)."""
     meta = {"help": help, **meta} if flag is None else {"help": help, "flag": flag, **meta}
     return field(default=default, metadata=meta)
+
+
+def check_seed(seed: int) -> None:
+    """--seed of every command: an integer that torch, NumPy and the data loader all accept."""
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer in [0, 2**63), got {seed}")
 
 
 @dataclass
@@ -210,6 +216,9 @@ class TrainOptions:
         for name in ("grad_accum", "lr_base_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.lr_scaling == "none" and self.lr_base_batch != field_default("lr_base_batch", TrainOptions):
+            raise ValueError(f"{flag('lr_base_batch')} has no effect without --lr-scaling sqrt or linear")
+        check_seed(self.seed)
         if not (math.isfinite(self.loss_scale) and self.loss_scale > 0):
             raise ValueError(f"--loss-scale must be a finite number > 0, got {self.loss_scale}")
         if self.warmup_steps < 0:
@@ -224,6 +233,20 @@ class TrainOptions:
                 raise ValueError(f"{flag(name)} must be one of {', '.join(valid)}, got {getattr(self, name)!r}")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"--compile-mode {self.compile_mode} needs --compile")
+
+
+# options that set a run's course beyond its config: a resumed run must be given its own (older checkpoints
+# did not record them and are not checked)
+RUN_OPTIONS = ("seed", "lr_scaling", "lr_base_batch", "warmup_steps")
+
+
+def check_run_options(opts: TrainOptions, resume: dict, path: Path) -> None:
+    saved = resume.get("run_options") or {}
+    diff = [f"--{k.replace('_', '-')} {getattr(opts, k)} (the run's: {v})" for k, v in saved.items()
+            if k in RUN_OPTIONS and getattr(opts, k) != v]
+    if diff:
+        raise ValueError(f"{path} was trained with other options: {', '.join(diff)}; re-run the run's own command "
+                         "to resume, or give a new --out (--no-resume starts over, overwriting this run)")
 
 
 class SkipGuard:
@@ -532,6 +555,8 @@ class Trainer:
             try:
                 if self.out.exists() and not self.out.is_dir():
                     raise ValueError(f"--out {self.out} is a file, not a folder")
+                if any(q.exists() and not q.is_dir() for q in self.out.parents):
+                    raise ValueError(f"--out {self.out}: a folder on its path is a file")
                 if self.is_main:  # the other ranks only read from it
                     made = make_run_folder(self.out)
                 self.lock.acquire()
@@ -564,6 +589,7 @@ class Trainer:
                                  f"{' ...' if len(diff) > 4 else ''}; re-run the run's own command to resume, or "
                                  "give a new --out (--no-resume starts over, overwriting this run)")
             cfg = saved
+            check_run_options(opts, resume, self.ckpt_path)
         self.cfg = cfg
         task, mask = resolve(opts.task, opts.mask, resume, self.out)
         self.task = InpaintTask(mask, cfg.image_size, opts.seed) if task == "inpaint" else None  # None: density
@@ -617,6 +643,9 @@ class Trainer:
                            ("infer_reg_start", cfg.infer_reg_start if cfg.infer_reg_weight else 0)):
             if step >= self.total and self.is_main:
                 log.warning("%s=%d is not before the run's last step %d: it never takes effect", name, step, self.total)
+        if self.val_data is None and opts.eval_every and self.is_main:
+            log.warning("--val-size 0 holds out no validation images: --eval-every %d evaluates nothing",
+                        opts.eval_every)
         if resume is not None:
             self.load_state(resume)
             if self.step > self.total:
@@ -730,6 +759,7 @@ class Trainer:
             # the generator the model noise is drawn from: each rank of a resumed run loads it into its own device
             "device_rng": {"type": self.device.type, "state": device_rng(self.device)[0]()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "run_options": {name: getattr(self.opts, name) for name in RUN_OPTIONS},
             **(self.task.state_dict() if self.task is not None else {"task": "density"}),
         }
 
@@ -1033,8 +1063,7 @@ class Trainer:
             if why:
                 bar.close()
                 raise TrainingDiverged(
-                    f"training stopped at step {self.step}: {why} (non-finite loss or gradient, or grad norm "
-                    f"above skip_threshold={self.cfg.skip_threshold}); recent grad norms: "
+                    f"training stopped at step {self.step}: {why} ({self._skip_causes()}); recent grad norms: "
                     f"[{self.guard.recent_norms()}]; {self._kept()}")
             sig = distributed.max_int(caught[0] if caught else 0)
             if sig:
@@ -1054,8 +1083,7 @@ class Trainer:
         bar.close()
         self.save()
         if self.skipped and self.is_main:
-            log.warning("%d of the run's %d updates were skipped (non-finite loss or gradient, or grad norm above "
-                        "skip_threshold)", self.skipped, self.step)
+            log.warning("%d of the run's %d updates were skipped (%s)", self.skipped, self.step, self._skip_causes())
         summary = {"step": self.step, "skipped": self.skipped,  # the last evaluation's step is its own
                    **{("val_step" if k == "step" else k): v for k, v in last.items()}}
         if self.step < self.total:
@@ -1063,6 +1091,10 @@ class Trainer:
         self.save_samples(self.out / "samples.png")
         self.save_plots()
         return summary
+
+    def _skip_causes(self) -> str:
+        t = self.cfg.skip_threshold
+        return "non-finite loss or gradient" + (f", or grad norm above skip_threshold={t}" if t else "")
 
     def timed_save(self, clock: WallClock) -> None:
         t = time.monotonic()

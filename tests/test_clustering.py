@@ -63,6 +63,15 @@ def test_hand_computed_hungarian_vs_majority():
     assert cluster_accuracy(assign, labels, n_clusters=3) == 5 / 6  # K > C: majority, both -> 0
 
 
+def test_the_class_count_is_the_datasets_not_the_subsets():
+    """Five images of a ten-class dataset hold two classes: K = 3 clusters are still K <= C = 10 (one-to-one),
+    not K > 2 (majority), so clusters 0 and 2 cannot both be matched to class 0."""
+    assign, labels = [0, 0, 1, 2, 2], [0, 0, 1, 0, 0]
+    assert cluster_accuracy(assign, labels) == 5 / 5  # C = 2 from the subset: majority, 0 -> 0, 1 -> 1, 2 -> 0
+    assert cluster_accuracy(assign, labels, n_classes=10) == 3 / 5  # one-to-one: 0 -> 0, 1 -> 1, 2 -> another
+    assert confusion(assign, labels, n_classes=10).shape == (3, 10)
+
+
 def test_fewer_clusters_than_classes_is_one_to_one():
     # cluster 0 = {0, 1}, cluster 1 = {2, 2}: 1 + 2 correct, class 0 or 1 is left unmatched
     assert cluster_accuracy([0, 0, 1, 1], [0, 1, 2, 2]) == 3 / 4
@@ -110,6 +119,7 @@ def test_input_types_agree():
         ([[0, 1]], [[0, 1]], {}, "1-D"),
         ([0, 3], [0, 1], {"n_clusters": 3}, r"n_clusters must be an integer >= max\(assign\) \+ 1 = 4"),
         ([0, 1], [0, 1], {"n_clusters": True}, "n_clusters"),
+        ([0, 1], [0, 4], {"n_classes": 3}, r"n_classes must be an integer >= max\(labels\) \+ 1 = 5"),
     ],
 )
 def test_bad_inputs(assign, labels, kwargs, match):

@@ -150,13 +150,20 @@ def _write_pngs(folder, n, rng):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
 
 
-def test_image_folder_input(inpaint_ckpt, fake_mnist, tmp_path):
+def test_image_folder_input(inpaint_ckpt, fake_mnist, tmp_path, capsys):
     rng = np.random.default_rng(0)
     _write_pngs(tmp_path / "faces", 5, rng)
     out = tmp_path / "grid.png"
     assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces"), "--n", "2", "--out",
                      str(out)]) == 0  # RGB files into a grey MNIST model
     _cells(out, 5, 4, 28)  # all 5 images (fewer than --images 8), at the model's size
+    for extra, says in ((["--split", "val"], "give --folder or --split, not both"),
+                        (["--dataset", "mnist"], "give --folder or --dataset, not both")):
+        assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces"), *extra]) == 2
+        assert says in capsys.readouterr().err
+    assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces" / "img0.png"), "--out",
+                     str(out)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
     # an RGB (8-bit) model trained on an image folder, inpainted from another folder
     _write_pngs(tmp_path / "train", 20, rng)

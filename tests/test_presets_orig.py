@@ -338,3 +338,35 @@ def test_eval_cli_reports_finetuned_bounds_separately(tmp_path, fake_mnist):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["eval", str(ckpt), "--finetune-inference-epochs", "x"])
     assert cli.main(["eval", str(ckpt), "--data-dir", fake_mnist, "--finetune-lr", "0"]) == 2
+
+
+def test_eval_cli_says_when_finetuning_hurts_and_keeps_the_plain_bounds_when_it_diverges(
+        tmp_path, fake_mnist, monkeypatch, caplog, capsys):
+    import copy
+
+    import matnet.finetune
+
+    Trainer(SMALL.replace(steps=2), _opts(tmp_path / "run", fake_mnist)).run()
+    ckpt, out = tmp_path / "run" / "checkpoint.pt", tmp_path / "eval.json"
+    argv = ["eval", str(ckpt), "--data-dir", fake_mnist, "--device", "cpu", "--k", "2", "--n-images", "8",
+            "--batch-size", "8", "--finetune-inference-epochs", "1", "--out", str(out)]
+
+    def tuned_by(change):
+        def fake(model, *a, **k):
+            tuned = copy.deepcopy(model)
+            with torch.no_grad():
+                change(tuned.top.bu_out.bias)  # the z0 head of q: the inference network only
+            return tuned
+        return fake
+
+    monkeypatch.setattr(matnet.finetune, "finetune_inference", tuned_by(lambda b: b.add_(30.0)))
+    assert cli.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["elbo_finetuned"] > res["elbo"]
+    assert "fine-tuning made the -ELBO worse" in caplog.text
+    monkeypatch.setattr(matnet.finetune, "finetune_inference", tuned_by(lambda b: b.fill_(float("nan"))))
+    capsys.readouterr()
+    assert cli.main(argv) == 3
+    assert "fine-tuning the inference network diverged" in capsys.readouterr().err
+    res = json.loads(out.read_text())  # the bounds computed before it are kept
+    assert res["finetune_diverged"] is True and {"elbo", "iwae"} <= set(res) and "elbo_finetuned" not in res

@@ -184,6 +184,24 @@ def test_resuming_with_another_config_or_past_its_steps_is_refused(tmp_path, fak
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
+def test_resuming_with_another_seed_or_lr_rule_is_refused(tmp_path, fake_mnist, capsys):
+    """--seed and the LR rule set a run's course like its config: a resume must be given the run's own."""
+    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "2", "--seed", "3", "--warmup-steps", "2")) == 0
+    capsys.readouterr()
+    for extra, says in ((["--seed", "4", "--warmup-steps", "2"], "--seed 4 (the run's: 3)"),
+                        (["--seed", "3"], "--warmup-steps 0 (the run's: 2)"),
+                        (["--seed", "3", "--warmup-steps", "2", "--lr-scaling", "sqrt"], "--lr-scaling sqrt")):
+        assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "3", *extra)) == 2
+        assert says in _one_error_line(capsys.readouterr().err)
+    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "3", "--seed", "3", "--warmup-steps", "2")) == 0
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3
+
+
+def test_no_validation_images_with_eval_every_is_said(tmp_path, fake_mnist, caplog):
+    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "1", "--val-size", "0", "--eval-every", "1")) == 0
+    assert "--val-size 0 holds out no validation images: --eval-every 1 evaluates nothing" in caplog.text
+
+
 def test_skipped_updates_are_reported(tmp_path, fake_mnist, capsys, caplog):
     assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "2", "--set", "skip_threshold=1e-9")) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == {"step": 2, "skipped": 2}
@@ -342,6 +360,10 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, fake_mnist, monkeypatch, cap
     (["--lr", "0"], "lr must be a finite number > 0"),
     (["--set", "grad_clip=-1"], "grad_clip must be a finite number > 0"),
     (["--set", "bogus=1"], "bogus"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
+    (["--seed", "99999999999999999999"], "--seed must be an integer in [0, 2**63)"),
+    (["--lr-base-batch", "16"], "--lr-base-batch has no effect without --lr-scaling"),
+    (["--set", "infer_reg_start=5"], "infer_reg_start needs the inference regulariser"),
 ])
 def test_bad_train_values_are_one_line_errors(tmp_path, extra, says, capsys):
     assert _rc(_train_argv(str(tmp_path / "none"), tmp_path / "run", *extra)) == 2
@@ -395,8 +417,10 @@ def test_a_refused_run_leaves_another_runs_folder_and_lock(tmp_path, fake_mnist,
             RunLock(x).acquire()  # B's lock still works
 
 
-def test_zero_periods_mean_off(tmp_path, fake_mnist):
+def test_zero_periods_mean_off(tmp_path, fake_mnist, capsys):
     assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "3", "--log-every", "0", "--ckpt-every", "0")) == 0
+    listed = capsys.readouterr().out.splitlines()[-1].split(": ", 1)[1].split()
+    assert listed and all((tmp_path / name).exists() for name in listed)  # only files that were written
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 3  # written at the end
     assert not (tmp_path / "metrics.jsonl").exists() or not [
         r for r in _strict_rows(tmp_path / "metrics.jsonl") if r["split"] == "train"]
@@ -428,6 +452,10 @@ def trained(tmp_path_factory, fake_mnist):
     (["eval", "--out", "."], "is a folder"),
     (["eval", "--finetune-lr", "1e39"], "--finetune-lr must be a number in (0, 1]"),
     (["eval", "--finetune-lr", "1e-4"], "--finetune-lr needs --finetune-inference-epochs"),
+    (["eval", "--mask-seed", "3"], "--mask-seed is for inpainting checkpoints"),
+    (["eval", "--val-size", "7"], "it has no effect on --split test"),
+    (["eval", "--seed", "-2"], "--seed must be an integer in [0, 2**63)"),
+    (["sample", "--temperature", "1e30"], "generation overflowed at temperature 1e+30"),
 ])
 def test_bad_eval_and_sample_values_are_one_line_errors(trained, fake_mnist, argv, says, capsys):
     rc = cli.main([argv[0], str(trained), "--data-dir", fake_mnist, *argv[1:]])
@@ -487,3 +515,18 @@ def test_outputs_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=f"could not write {png}"):
         save_image_grid(torch.rand(4, 1, 8, 8), png)
     assert png.read_bytes() == good and os.listdir(tmp_path) == ["grid.png"]
+
+
+def test_non_finite_images_are_refused_not_written(tmp_path):
+    """A cast to uint8 would turn NaN into a colour and write a corrupt grid without a word."""
+    from matnet.plots import save_image_grid, save_image_rows
+
+    png = tmp_path / "grid.png"
+    for bad in (float("nan"), float("inf")):
+        x = torch.rand(4, 1, 8, 8)
+        x[1, 0, 2, 3] = bad
+        with pytest.raises(ValueError, match="non-finite values"):
+            save_image_grid(x, png)
+        with pytest.raises(ValueError, match="non-finite values"):
+            save_image_rows([x.expand(-1, 3, -1, -1)], png)
+    assert not png.exists()
