@@ -142,7 +142,7 @@ def test_trainer_applies_eq13_from_its_start_step_to_the_inference_parameters(tm
 
     def run(weight, out):
         # no clipping: one global norm would couple the two parameter groups
-        tr = Trainer(_tiny().replace(infer_reg_weight=weight, infer_reg_start=1, grad_clip=1e30),
+        tr = Trainer(_tiny().replace(infer_reg_weight=weight, infer_reg_start=1 if weight else 0, grad_clip=1e30),
                      _opts(tmp_path / out, data, steps=2, eval_every=0, ckpt_every=0))
         stream = tr.loader.forever()
         rows = [tr.train_step(next(stream)) for _ in range(2)]
