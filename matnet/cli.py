@@ -244,7 +244,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, load_model
+    from .checkpoint import load_model
     from .train import TrainingDiverged, evaluate, pick_device
 
     o: EvalOptions = from_args(EvalOptions, a)
@@ -267,37 +267,46 @@ def cmd_eval(a: argparse.Namespace) -> int:
     t = time.time()
     res = evaluate(model, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev, progress=True,
                    chunk=o.chunk)
+    res["elbo_images"] = n
     if o.finetune_inference_epochs:  # on a copy of the model: the checkpoint and `model` stay as they are
         from .finetune import finetune_inference
 
         tuned = finetune_inference(model, data, n, o.finetune_inference_epochs, o.finetune_lr, o.batch_size,
                                    seed=a.seed, device=dev, progress=True)
+        res.update(finetune_inference_epochs=o.finetune_inference_epochs, finetune_lr=o.finetune_lr,
+                   finetune_images=n)
         elbo = evaluate(tuned, data, n, 0, 0, batch_size=o.batch_size, seed=a.seed, device=dev)["elbo"]
         if not math.isfinite(elbo):  # before the long IWAE pass; the plain bounds are kept
-            _emit({**res, "finetune_diverged": True, "step": load_checkpoint(o.checkpoint).get("step")}, o.out)
+            _emit(_eval_result(res, o, cfg, t, finetune_diverged=True), o.out)
             raise TrainingDiverged(f"fine-tuning the inference network diverged (ELBO {elbo}); the bounds without "
                                    f"it are above; try a smaller --finetune-lr than {o.finetune_lr} (the original: "
                                    "1e-5 to 3e-5)")
-        if elbo > res["elbo"]:  # it minimised this very -ELBO on these images: worse means too large a step
-            log.warning("fine-tuning made the -ELBO worse (%.2f -> %.2f): --finetune-lr %g is likely too large "
-                        "(the original: 1e-5 to 3e-5)", res["elbo"], elbo, o.finetune_lr)
+        if elbo > res["elbo"] + 0.01:  # it minimised this very -ELBO on these images: worse means too large a step
+            log.warning("fine-tuning made the -ELBO worse by %.3f nats (%.3f -> %.3f): --finetune-lr %g is likely "
+                        "too large (the original: 1e-5 to 3e-5)", elbo - res["elbo"], res["elbo"], elbo,
+                        o.finetune_lr)
         ft = evaluate(tuned, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev, progress=True,
                       chunk=o.chunk)
         res.update({f"{key}_finetuned": ft[key] for key in ("elbo", "iwae") if key in ft})
-        res.update(finetune_inference_epochs=o.finetune_inference_epochs, finetune_lr=o.finetune_lr,
-                   finetune_images=n, bounds="elbo, iwae: the checkpoint's model; elbo_finetuned, iwae_finetuned: "
-                   "the same generator with its inference network fine-tuned on these images first")
-    res["seconds"] = time.time() - t
-    res["step"] = load_checkpoint(o.checkpoint).get("step")
-    res.update(split=o.split, elbo_images=n, dataset=o.dataset or cfg.dataset)
+        res["bounds"] = ("elbo, iwae: the checkpoint's model; elbo_finetuned, iwae_finetuned: the same generator "
+                         "with its inference network fine-tuned on these images first")
+    _emit(_eval_result(res, o, cfg, t), o.out)
+    return 0
+
+
+def _eval_result(res: dict, o: EvalOptions, cfg: MatNetConfig, t0: float, **more: Any) -> dict:
+    """`matnet eval`'s JSON for a density checkpoint: the bounds in `res` with the run's facts and bits/dim."""
+    from .checkpoint import load_checkpoint
+
+    res = {k: v for k, v in res.items() if k != "kl_per_module"}
+    res.update(more, seconds=time.time() - t0, step=load_checkpoint(o.checkpoint).get("step"), split=o.split,
+               dataset=o.dataset or cfg.dataset)
     if cfg.likelihood != "bernoulli":
         bpd = 1.0 / (cfg.data_dims * math.log(2))
         for key in ("elbo", "iwae", "elbo_finetuned", "iwae_finetuned"):
             if key in res:
                 res[key + "_bits_per_dim"] = res[key] * bpd
-    res.pop("kl_per_module", None)
-    _emit(res, o.out)
-    return 0
+    return res
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
@@ -436,7 +445,7 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     n = min(o.n_images or len(data), len(data))
     x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))
     labels = data.labels[:n] if dataset != "folder" else None  # image folders carry no labels
-    n_classes = None if labels is None else int(data.labels.max()) + 1  # the split's, not the subset's
+    n_classes = None if labels is None else int(data.labels.max()) + 1  # the whole split's, not the subset's
     res = clustering.cluster_report(model, x, labels=labels, out_png=o.out, n_classes=n_classes)
     _emit({**res, "images": n, "split": o.split, "dataset": dataset, "out": o.out}, None)
     return 0

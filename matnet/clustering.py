@@ -142,7 +142,7 @@ def cluster_report(model: torch.nn.Module, data_x: torch.Tensor, labels: IntArra
     report: dict = {"n_images": len(assign), "n_components": k, "n_used": int((counts > 0).sum()),
                     "counts": counts.tolist()}
     if labels is not None:
-        n_classes = confusion(assign, labels, k, n_classes).shape[1]
+        n_classes = n_classes or int(_ids("labels", labels).max()) + 1
         report["accuracy"] = cluster_accuracy(assign, labels, k, n_classes)
         report["matching"] = "hungarian" if k <= n_classes else "majority"
     if out_png is not None:

@@ -275,8 +275,6 @@ def validate_extensions(cfg: MatNetConfig) -> None:
         raise ValueError(f"prior_refit_step must be >= 0, got {cfg.prior_refit_step}")
     if cfg.infer_reg_start < 0:
         raise ValueError(f"infer_reg_start must be >= 0, got {cfg.infer_reg_start}")
-    if cfg.infer_reg_start != field_default("infer_reg_start") and not cfg.infer_reg_weight:
-        raise ValueError("infer_reg_start needs the inference regulariser (infer_reg_weight > 0)")
 
 
 def validate_original(cfg: MatNetConfig) -> None:

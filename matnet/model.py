@@ -46,13 +46,16 @@ class MatNetOutput:
     log_weight: torch.Tensor | None = None  # [B] log p(x, z) - log q(z | x) at the sampled z
 
 
-def check_generated(h: torch.Tensor, temperature: float) -> torch.Tensor:
-    """h, the generation pass's last TD features, if finite; else one clear error (a high temperature scales
-    every latent draw, and the features can overflow to inf and NaN)."""
+class GenerationOverflow(ValueError):
+    """A generation pass gave non-finite features (a high temperature scales every latent draw, and the
+    features can overflow to inf and NaN): raised before any draw from them."""
+
+
+def check_generated(h: torch.Tensor, temperature: float) -> None:
+    """Raise GenerationOverflow unless h, the generation pass's last TD features, is finite."""
     if not torch.isfinite(h).all():
-        raise ValueError(f"generation overflowed at temperature {temperature:g}: the top-down features are not "
-                         "finite; use a lower temperature")
-    return h
+        raise GenerationOverflow(f"generation overflowed at temperature {temperature:g}: the top-down features "
+                                 "are not finite; use a lower temperature")
 
 
 def clip_logits(cfg: MatNetConfig, params: torch.Tensor) -> torch.Tensor:
@@ -334,7 +337,8 @@ class MatNet(UsesOps, nn.Module):
         """n images [n, C, H, W] in data space. mean=True returns E[x | z] (the mode for the logistic
         likelihoods) instead of a draw, as is customary for displaying binary data; with the AR decoder,
         8-bit images are then decoded greedily and binary ones show each pixel's mean given drawn pixels."""
-        h = check_generated(self.generate_features(n, temperature), temperature)
+        h = self.generate_features(n, temperature)
+        check_generated(h, temperature)
         pick = self.dist.mean if mean else self.dist.sample
         dtype = next(self.parameters()).dtype  # the data's dtype, also under autocast (h is bf16 there)
         if self.ar is None:

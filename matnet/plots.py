@@ -33,9 +33,13 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, sign
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
+class NonFiniteImages(ValueError):
+    """Images to save hold NaN or inf (a cast to uint8 would silently turn them into colours)."""
+
+
 def _check_finite(x: torch.Tensor) -> None:
-    if not torch.isfinite(x).all():  # a cast to uint8 would silently turn NaN into a colour
-        raise ValueError("the images hold non-finite values (NaN or inf); no image written")
+    if not torch.isfinite(x).all():
+        raise NonFiniteImages("the images hold non-finite values (NaN or inf); no image written")
 
 
 def image_format(path: str | os.PathLike) -> str:

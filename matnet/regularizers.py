@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .conditional import ConditionalMatNet
-from .model import MatNet
+from .model import GenerationOverflow, MatNet
 
 __all__ = ["inference_regularizer", "inference_parameters", "generator_parameters", "split_parameters"]
 
@@ -73,7 +73,10 @@ def inference_regularizer(model: nn.Module, n: int) -> torch.Tensor:
         raise ValueError(f"n must be >= 1, got {n}")
     m = _unwrap(model)
     with torch.no_grad():
-        x = m.sample(n)  # in the parameters' dtype, also under autocast
+        try:
+            x = m.sample(n)  # in the parameters' dtype, also under autocast
+        except GenerationOverflow:  # a non-finite term: the trainer's skip guard skips the step (or stops the run)
+            return torch.full((), float("nan"), device=next(m.parameters()).device)
     ids = _inference_ids(m)
     frozen = {name: p.detach() for name, p in m.named_parameters() if id(p) not in ids}
     out = torch.func.functional_call(m, frozen, (x,), strict=False)

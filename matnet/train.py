@@ -58,7 +58,7 @@ from .data import HFLIP_DATASETS, BatchLoader, ImageDataset, load_dataset
 from .distributed import Rows
 from .inpaint import TASKS, InpaintTask, resolve
 from .masks import SPEC_FORMS, parse_mask_spec
-from .model import MatNet
+from .model import GenerationOverflow, MatNet
 from .optim import apply_schedule, build_optimizer, clip_gradients
 from .regularizers import inference_regularizer
 
@@ -643,7 +643,11 @@ class Trainer:
                            ("infer_reg_start", cfg.infer_reg_start if cfg.infer_reg_weight else 0)):
             if step >= self.total and self.is_main:
                 log.warning("%s=%d is not before the run's last step %d: it never takes effect", name, step, self.total)
-        if self.val_data is None and opts.eval_every and self.is_main:
+        # warned about, not refused: the config check also runs on loading, and would lock out older checkpoints
+        if cfg.infer_reg_start and not cfg.infer_reg_weight and self.is_main:
+            log.warning("infer_reg_start=%d has no effect: infer_reg_weight is 0", cfg.infer_reg_start)
+        if (self.val_data is None and opts.eval_every != field_default("eval_every", TrainOptions)
+                and opts.eval_every and self.is_main):
             log.warning("--val-size 0 holds out no validation images: --eval-every %d evaluates nothing",
                         opts.eval_every)
         if resume is not None:
@@ -840,7 +844,7 @@ class Trainer:
         gnorm = clip_gradients(self.opt, cfg)  # L2 term, per-group clip; the global norm before clipping
         stats = self._step_stats(outs, loss, gnorm, reg)  # several ranks: global-batch means, the same everywhere
         loss, gnorm, reg = stats["loss"], stats["grad_norm"], stats.pop("infer_reg", None)
-        skip = (not math.isfinite(gnorm) or not math.isfinite(loss)
+        skip = (not math.isfinite(gnorm) or not math.isfinite(loss) or (reg is not None and not math.isfinite(reg))
                 or (cfg.skip_threshold > 0 and gnorm > cfg.skip_threshold))
         self.last_skipped = skip
         self.probe = self.probe if skip else inputs  # save() checks the weights on an applied step's batch
@@ -910,6 +914,8 @@ class Trainer:
         rows = distributed.shard(n) if self.sharded else None
         with self._autocast(), self._sample_rows(rows):
             reg = inference_regularizer(self.model, n if rows is None else len(rows))
+        if not reg.requires_grad:  # the model's draws overflowed (the same on every rank): NaN, and the step skips
+            return reg.item()
         scaled = cfg.infer_reg_weight * reg
         scaled = self.scaler.scale(scaled) if self.scaler is not None else scaled
         if rows is None:
@@ -1119,16 +1125,21 @@ class Trainer:
         return row
 
     def save_samples(self, path: Path, n: int = 64) -> None:
+        """The samples grid (imputations for inpainting); a model whose draws are not finite gets a warning, not
+        a failed run: the checkpoint, written before, is what matters, and the other ranks do not wait on this."""
         if not self.is_main:  # drawn under a forked RNG: the other ranks' streams need no matching draws
             return
-        if self.task is not None:  # inpainting: a grid of imputations (Fig. 5) in place of samples
-            data = self.val_data if self.val_data is not None else self.train_data
-            self.task.save_grid(self.eval_model(), data, path, self.opts.seed)
-            return
-        with fork_rng(self.device):
-            torch.manual_seed(self.opts.seed)
-            x = self.eval_model().sample(n, mean=self.eval_model().dist.binary)
-        plots.save_image_grid(x, path, signed=not self.eval_model().dist.binary)
+        try:
+            if self.task is not None:  # inpainting: a grid of imputations (Fig. 5) in place of samples
+                data = self.val_data if self.val_data is not None else self.train_data
+                self.task.save_grid(self.eval_model(), data, path, self.opts.seed)
+                return
+            with fork_rng(self.device):
+                torch.manual_seed(self.opts.seed)
+                x = self.eval_model().sample(n, mean=self.eval_model().dist.binary)
+            plots.save_image_grid(x, path, signed=not self.eval_model().dist.binary)
+        except (GenerationOverflow, plots.NonFiniteImages) as e:
+            log.warning("%s not written at step %d: %s", path.name, self.step, e)
 
     def save_plots(self) -> None:
         if not self.is_main:

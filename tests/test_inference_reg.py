@@ -1,6 +1,8 @@
 """The inference regulariser (paper Eq. 13): the negative ELBO on the model's own samples, whose gradient reaches
 the inference parameters only; the inference / generator split is a partition of the parameters."""
 
+import math
+
 import pytest
 import torch
 from helpers import random_data
@@ -142,7 +144,7 @@ def test_trainer_applies_eq13_from_its_start_step_to_the_inference_parameters(tm
 
     def run(weight, out):
         # no clipping: one global norm would couple the two parameter groups
-        tr = Trainer(_tiny().replace(infer_reg_weight=weight, infer_reg_start=1 if weight else 0, grad_clip=1e30),
+        tr = Trainer(_tiny().replace(infer_reg_weight=weight, infer_reg_start=1, grad_clip=1e30),
                      _opts(tmp_path / out, data, steps=2, eval_every=0, ckpt_every=0))
         stream = tr.loader.forever()
         rows = [tr.train_step(next(stream)) for _ in range(2)]
@@ -183,3 +185,28 @@ def test_trainer_weights_eq13(tmp_path, precision):
     assert reg1 == reg2 and reg1 > 0
     assert all((a is None) == (b is None) for a, b in zip(g1, g2))
     assert all(torch.equal(0.5 * a, b) for a, b in zip(g1, g2) if a is not None)
+
+
+def test_overflowing_draws_skip_the_step_instead_of_stopping_the_run(tmp_path, monkeypatch, caplog):
+    """Draws of the model that overflow make Eq. 13's term NaN: the skip guard skips that update (and would stop
+    a run that keeps overflowing) rather than the run failing with an error; infer_reg_start without a weight
+    is said to do nothing."""
+    from test_train import _opts, _tiny, make_fake_mnist
+
+    from matnet.model import GenerationOverflow
+    from matnet.train import Trainer
+
+    (tmp_path / "mnist").mkdir()
+    data = make_fake_mnist(tmp_path / "mnist")
+    tr = Trainer(_tiny().replace(infer_reg_weight=1.0), _opts(tmp_path / "r", data, steps=2, eval_every=0))
+
+    def overflow(*a, **k):
+        raise GenerationOverflow("generation overflowed")
+
+    monkeypatch.setattr(tr.model, "sample", overflow)
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    row = tr.train_step(next(tr.loader.forever()))
+    assert row["skipped"] == 1 and math.isnan(row["infer_reg"])
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters()))
+    Trainer(_tiny().replace(infer_reg_start=3), _opts(tmp_path / "w", data, steps=5, eval_every=0))
+    assert "infer_reg_start=3 has no effect: infer_reg_weight is 0" in caplog.text
