@@ -84,6 +84,25 @@ def test_cpu_low_precision_error_within_2x_reference(ext, dtype):
         assert_within_ref_error(name, fast, ref, truth)
 
 
+@pytest.mark.parametrize("dtype", LOWP)
+def test_reference_computes_in_fp32(dtype):
+    """MatNet's own op on low-precision inputs computes in fp32, as the fused op does: under autocast it returns
+    fp32 equal to the fp64 formula on the same inputs up to fp32 rounding (in bf16 arithmetic the KL's terms
+    near 1 cancel to errors of thousandths per element, nats over a model); without autocast, that value
+    rounded once to the inputs' dtype."""
+    inputs = make_inputs((3, 5, 7, 11), dtype, spread=1.5)
+    z_t, kl_t = reference.gaussian_sample_kl(*(x.double() for x in inputs))
+    with torch.autocast("cpu", dtype=dtype):
+        z, kl = reference.gaussian_sample_kl(*inputs)
+    assert z.dtype == kl.dtype == torch.float32
+    assert_close_to_truth("z", z.double(), z_t, 1e-5)
+    assert_close_to_truth("kl", kl.double(), kl_t, 1e-5)
+    z, kl = reference.gaussian_sample_kl(*inputs)
+    assert z.dtype == kl.dtype == dtype
+    assert_close_to_truth("z", z.double(), z_t, torch.finfo(dtype).eps)
+    assert_close_to_truth("kl", kl.double(), kl_t, torch.finfo(dtype).eps)
+
+
 @needs_ext
 def test_cpu_gradcheck_fp64(ext):
     inputs = [x.requires_grad_() for x in make_inputs((2, 3, 5), torch.float64, spread=1.0)]
