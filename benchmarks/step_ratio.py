@@ -26,7 +26,7 @@ from test_bench_model import build, make_batch
 from matnet import memory
 from matnet.optim import build_optimizer
 
-IMPLS = ("reference", "fast-cl", "fast-cl-bf16", "compiled")
+IMPLS = ("reference", "reference-cl", "fast", "fast-cl", "fast-cl-bf16", "compiled")
 
 
 def _step_fn(impl: str, preset: str, batch: int):

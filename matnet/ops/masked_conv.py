@@ -7,8 +7,10 @@ convolution runs in the autocast dtype.
 
 import torch
 
+from . import reference
 from ._dispatch import (
     LOW_AND_FP32,
+    autocast_inputs,
     check_4d,
     check_kernel,
     check_like,
@@ -105,4 +107,7 @@ def masked_conv2d(
     Cx input channels masked by `causal_mask(k, mask_type)`; bias: [Co] or None. Returns [B, Co, H, W].
     """
     _validate(x, weight, bias, mask_type, cond)
+    if KERNELS.backend(x) == "reference":  # torch's convolution: through autograd, as residual_conv_block
+        x, weight, bias, cond = autocast_inputs("conv", x.device.type, (x, weight, bias, cond))
+        return reference.masked_conv2d(x, weight, bias, mask_type, cond)
     return _masked_conv2d(x, weight, bias, mask_type, cond)

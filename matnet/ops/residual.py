@@ -9,8 +9,10 @@ trace under torch.compile. Under autocast the block runs in the autocast dtype.
 
 import torch
 
+from . import reference
 from ._dispatch import (
     LOW_AND_FP32,
+    autocast_inputs,
     check_4d,
     check_kernel,
     check_like,
@@ -127,4 +129,9 @@ def residual_conv_block(
     w2: [C, M, k2, k2]; b2: [C] or None; odd k; slope >= 0. Returns [B, C, H, W].
     """
     _validate(h, w1, b1, w2, b2, extra, slope)
+    if KERNELS.backend(h) == "reference":
+        # torch's convolutions (CPU, fp64): autograd through them outruns the registered op, whose explicit
+        # backward concatenates [h; extra] again and copies the extra's gradient out of the concatenation's
+        args = autocast_inputs("conv", h.device.type, (h, w1, b1, w2, b2, extra))
+        return reference.residual_conv_block(*args, float(slope))
     return _residual_conv_block(h, w1, b1, w2, b2, extra, float(slope))[0]
