@@ -76,35 +76,49 @@ class Row:
 
 
 def record_op_calls(preset: str) -> list[tuple[str, tuple]]:
-    """(op, args) of every reference fwd/bwd call of one FastMatNet training step of `preset`."""
+    """(op, args) of every fwd/bwd launch of one FastMatNet training step of `preset`, as a GPU step makes them:
+    each op's dispatch table is swapped for a recording backend (the reference launchers, spied on), so the
+    public wrappers call the registered ops as they do on CUDA, never the CPU's composite path."""
     import matnet
-    from matnet.ops import reference
+    from matnet.ops import gaussian, masked_conv, reference, residual
 
     calls = []
-    names = ["residual_conv_block", "masked_conv2d", "gaussian_sample_kl"]
-    saved = {}
-    for name in names:
-        for which in ("fwd", "bwd"):
-            attr = f"{name}_{which}"
+
+    class Recording:
+        def __init__(self, op: str):
+            self.op = op
+
+        def backend(self, t):
+            return "recording"
+
+        def _spy(self, which: str):
+            attr = f"{self.op}_{which}"
             real = getattr(reference, attr)
-            saved[attr] = real
+            return lambda *args: calls.append((attr, args)) or real(*args)
 
-            def spy(*args, _real=real, _attr=attr):
-                calls.append((_attr, args))
-                return _real(*args)
+        def fwd(self, t):
+            return self._spy("fwd")
 
-            setattr(reference, attr, spy)
-    os.environ["MATNET_FORCE_REFERENCE"] = "1"
+        def bwd(self, t):
+            return self._spy("bwd")
+
+    modules = {"residual_conv_block": residual, "masked_conv2d": masked_conv, "gaussian_sample_kl": gaussian}
+    tables = {name: m.KERNELS for name, m in modules.items()}
+    cfg = matnet.MatNetConfig.preset(preset)
     try:
-        cfg = matnet.MatNetConfig.preset(preset)
+        for name, m in modules.items():
+            m.KERNELS = Recording(name)
         model = matnet.FastMatNet(cfg)
         shape = (2, cfg.image_channels, cfg.image_size, cfg.image_size)
         x = torch.bernoulli(torch.full(shape, 0.5)) if cfg.likelihood == "bernoulli" else torch.rand(shape) * 2 - 1
         model(x).loss.backward()
     finally:
-        os.environ.pop("MATNET_FORCE_REFERENCE")
-        for attr, real in saved.items():
-            setattr(reference, attr, real)
+        for name, m in modules.items():
+            m.KERNELS = tables[name]
+    used = ["residual_conv_block", "gaussian_sample_kl"] + (["masked_conv2d"] if cfg.ar_layers else [])
+    missing = {f"{op}_{w}" for op in used for w in ("fwd", "bwd")} - {attr for attr, _ in calls}
+    if missing:  # the report would pass on fewer configs than a GPU step launches
+        raise RuntimeError(f"{preset}: a FastMatNet step recorded no {', '.join(sorted(missing))} launch")
     return calls
 
 

@@ -82,6 +82,8 @@ class EvalOptions:
             raise ValueError(f"--finetune-lr must be a number in (0, 1], got {self.finetune_lr}")
         if self.finetune_lr != field_default("finetune_lr", EvalOptions) and not self.finetune_inference_epochs:
             raise ValueError("--finetune-lr needs --finetune-inference-epochs N (fine-tuning is off by default)")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.val_size is not None and self.split == "test":
             raise ValueError("--val-size splits the training images (--split train or val); it has no effect on "
                              "--split test")
@@ -280,8 +282,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
                                    seed=a.seed, device=dev, progress=True)
         res.update(finetune_inference_epochs=o.finetune_inference_epochs, finetune_lr=o.finetune_lr,
                    finetune_images=n)
-        with _autocast(o, dev):  # the precision of the bound it is compared with
-            elbo = evaluate(tuned, data, n, 0, 0, batch_size=o.batch_size, seed=a.seed, device=dev)["elbo"]
+        # in the precision of the bound it is compared with
+        elbo = _scored(o, dev, lambda: evaluate(tuned, data, n, 0, 0, batch_size=o.batch_size, seed=a.seed,
+                                                device=dev))["elbo"]
         if not math.isfinite(elbo):  # before the long IWAE pass; the plain bounds are kept
             _emit(_eval_result(res, o, cfg, t, finetune_diverged=True), o.out)
             raise TrainingDiverged(f"fine-tuning the inference network diverged (ELBO {elbo}); the bounds without "
@@ -311,6 +314,12 @@ def _autocast(o: EvalOptions, dev: torch.device) -> contextlib.AbstractContextMa
     return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
 
 
+class LowPrecisionOverflow(ValueError):
+    """A bound came out non-finite under --precision bf16 or fp16 (a user error: exit 2)."""
+
+    same_on_all_ranks = True  # decided on all-reduced bounds: rank 0 says it
+
+
 def _scored(o: EvalOptions, dev: torch.device, score: typing.Callable[[], dict]) -> dict:
     """score() under --precision's autocast. A low-precision bound that is not finite is an error that names the
     fix, not a null in the JSON."""
@@ -318,8 +327,8 @@ def _scored(o: EvalOptions, dev: torch.device, score: typing.Callable[[], dict])
         res = score()
     bad = [k for k in ("elbo", "iwae") if k in res and not math.isfinite(res[k])]
     if bad and o.precision != "fp32":
-        raise ValueError(f"the {' and '.join(bad)} bound is not finite under --precision {o.precision} (an overflow "
-                         "in low precision); evaluate with --precision fp32")
+        raise LowPrecisionOverflow(f"the {' and '.join(bad)} bound is not finite under --precision {o.precision} "
+                                   "(an overflow in low precision); evaluate with --precision fp32")
     return res
 
 

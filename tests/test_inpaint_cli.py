@@ -91,10 +91,10 @@ def test_eval_reports_the_imputation_nll(inpaint_ckpt, fake_mnist, tmp_path):
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
     quad = run("--mask", "quadrant")
     assert quad["mask"] == "quadrant:14" and quad["missing_pixels_per_image"] == 14 * 14
-    low = run("--precision", "bf16", "--channels-last")  # as test_train's density case: one bf16 rounding at most
+    low = run("--precision", "bf16", "--channels-last")  # as test_train's density case: within 0.05 nats
     assert res["precision"] == "fp32" and low["precision"] == "bf16"
     for key in ("imputation_elbo", "imputation_iwae"):
-        assert 0 < abs(low[key] - res[key]) <= torch.finfo(torch.bfloat16).eps * res[key], (key, low, res)
+        assert 0 < abs(low[key] - res[key]) <= 0.05, (key, low, res)
 
 
 def _cells(path, rows, cols, size):

@@ -97,10 +97,22 @@ def test_reference_computes_in_fp32(dtype):
     assert z.dtype == kl.dtype == torch.float32
     assert_close_to_truth("z", z.double(), z_t, 1e-5)
     assert_close_to_truth("kl", kl.double(), kl_t, 1e-5)
+    fi = torch.finfo(dtype)
+
+    def rounded_once(name, got, truth):  # one rounding of each element: half an ulp, plus fp32's own error
+        assert got.dtype == dtype
+        err = (got.double() - truth).abs()
+        fp32_err = 1e-5 * max(1.0, truth.abs().max().item())  # as under autocast above
+        assert (err <= fi.eps * truth.abs() + fp32_err).all(), f"{name}: max error {err.max():.3g}"
+
     z, kl = reference.gaussian_sample_kl(*inputs)
-    assert z.dtype == kl.dtype == dtype
-    assert_close_to_truth("z", z.double(), z_t, torch.finfo(dtype).eps)
-    assert_close_to_truth("kl", kl.double(), kl_t, torch.finfo(dtype).eps)
+    rounded_once("z", z, z_t)
+    rounded_once("kl", kl, kl_t)
+    gz, gk = make_inputs((3, 5, 7, 11), dtype, seed=1)[:2]
+    grads = reference.gaussian_sample_kl_bwd(gz, gk, *inputs)  # the op's reference backward: the same rule
+    truth = reference.gaussian_sample_kl_bwd(gz.double(), gk.double(), *(x.double() for x in inputs))
+    for name, g, t in zip(NAMES[2:], grads, truth):
+        rounded_once(name, g, t)
 
 
 @needs_ext

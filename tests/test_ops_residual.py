@@ -157,25 +157,52 @@ def _leaf(inputs, dtype=torch.float64, device="cpu"):
     return {k: None if v is None else v.to(dtype).to(device).detach().requires_grad_() for k, v in inputs.items()}
 
 
+# on CPU the public wrapper runs the composite under autograd, the registered op its explicit backward: both
+CALLS = {"wrapper": residual_conv_block,
+         "registered": lambda h, w1, b1, w2, b2, extra=None: torch.ops.matnet.residual_conv_block(
+             h, w1, b1, w2, b2, extra, 0.1)[0]}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
 @pytest.mark.parametrize("case", [(2, 2, 1, 2, 3, 3, 3, True), (2, 3, 0, 2, 3, 2, 1, False)],
                          ids=["k3_extra_bias", "k1_plain"])
-def test_op_gradcheck_fp64(case):
+def test_op_gradcheck_fp64(case, call):
     x = _leaf(make_inputs(case)[0])
     args = [x[k] for k in ("h", "w1", "b1", "w2", "b2", "extra")]
-    assert torch.autograd.gradcheck(lambda *a: residual_conv_block(*a), args)
+    assert torch.autograd.gradcheck(lambda *a: CALLS[call](*a), args)
 
 
-def test_op_backward_is_explicit_and_right_on_cpu():
-    """The CPU backward op (explicit formulas) against the reference's autograd, fp32, bigger shape."""
+@pytest.mark.parametrize("call", list(CALLS))
+def test_op_backward_right_on_cpu(call):
+    """Both CPU backwards (autograd through the composite, the registered op's explicit formulas) against the
+    reference's autograd, fp32, bigger shape."""
     inputs, grad = make_inputs(CASES["k3_extra"], torch.float32)
     x = _leaf(inputs, torch.float32)
-    out = residual_conv_block(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"])
+    out = CALLS[call](x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"])
     out.backward(grad.float())
     ref_out, ref_grads = reference_with_grads(inputs, grad, torch.float32)
     truth_out, truth_grads = reference_with_grads(inputs, grad, torch.float64)
     assert_within_ref_error("out", out.detach(), ref_out, truth_out)
     for name, g in ref_grads.items():
         assert_within_ref_error(f"grad {name}", x[name].grad, g, truth_grads[name])
+
+
+def test_wrapper_and_registered_op_agree_in_channels_last():
+    """The eager CPU wrapper (composite) and the registered op: the same values, layouts and gradient layouts."""
+    inputs, grad = make_inputs(CASES["k3_extra"], torch.float32)
+    runs = []
+    for call in CALLS.values():
+        x = {k: v.contiguous(memory_format=torch.channels_last).detach().requires_grad_() if v.dim() == 4
+             else v.detach().requires_grad_() for k, v in inputs.items() if v is not None}
+        out = call(x["h"], x["w1"], x["b1"], x["w2"], x["b2"], x["extra"])
+        out.backward(grad.contiguous(memory_format=torch.channels_last))
+        runs.append((out, {k: v.grad for k, v in x.items()}))
+    (out_a, g_a), (out_b, g_b) = runs
+    assert out_a.stride() == out_b.stride() and out_a.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_a, out_b)
+    for k in g_a:
+        assert g_a[k].stride() == g_b[k].stride(), k
+        torch.testing.assert_close(g_a[k], g_b[k])
 
 
 def test_opcheck():
@@ -309,6 +336,29 @@ def test_torch_compile_fullgraph():
 
     torch._dynamo.reset()
     assert_fn_within_ref_error("compiled block", torch.compile(f, fullgraph=True, backend="aot_eager"), f, args)
+
+
+def test_compiled_wrapper_never_consults_the_table(monkeypatch):
+    """Compiled, the wrapper calls the registered op without tracing the dispatch table (on CUDA its backend check
+    imports modules, which dynamo refuses); eager, it asks the table."""
+    from matnet.ops import residual
+
+    real = residual.KERNELS
+
+    class Untraceable:
+        fwd, bwd = real.fwd, real.bwd
+
+        def backend(self, t):
+            raise RuntimeError("the table was consulted")
+
+    monkeypatch.setattr(residual, "KERNELS", Untraceable())
+    x = _leaf(make_inputs((2, 3, 2, 4, 5, 5, 3, True))[0], torch.float32)
+    args = [x[k] for k in ("h", "w1", "b1", "w2", "b2", "extra")]
+    torch._dynamo.reset()
+    torch.compile(lambda *a: residual_conv_block(*a).sum(), fullgraph=True, backend="aot_eager")(*args).backward()
+    assert x["h"].grad is not None
+    with pytest.raises(RuntimeError, match="consulted"):
+        residual_conv_block(*args)
 
 
 def test_torch_compile_inductor_forward():

@@ -193,8 +193,8 @@ def test_cli_train_eval_sample(tmp_path, fake_mnist, capsys):
 
 
 def test_cli_eval_precision_and_layout(tmp_path, fake_mnist):
-    """eval --precision bf16 runs the passes under autocast and records it; the bounds stay within one bf16
-    rounding of the fp32 ones (the sums are fp32). --channels-last changes the layout, not the bounds."""
+    """eval --precision bf16 runs the passes under autocast and records it; the bounds stay within 0.05 nats of
+    the fp32 ones (issue 10's target; the sums are fp32). --channels-last changes the layout, not the bounds."""
     out = tmp_path / "run"
     assert cli.main(["train", "--preset", "tiny", "--data-dir", fake_mnist, "--out", str(out), "--steps", "4",
                      "--batch-size", "8", "--val-size", "40", "--eval-every", "0", "--device", "cpu"]) == 0
@@ -208,13 +208,13 @@ def test_cli_eval_precision_and_layout(tmp_path, fake_mnist):
 
     fp32, cl = ev(), ev("--channels-last")
     assert fp32["precision"] == cl["precision"] == "fp32"
+    for key in ("elbo", "iwae"):
+        assert cl[key] == pytest.approx(fp32[key], rel=1e-5)
     for flags in (["--precision", "bf16", "--channels-last"], ["--precision", "bf16", "--ops", "reference"]):
         low = ev(*flags)
         assert low["precision"] == "bf16"
         for key in ("elbo", "iwae"):
-            assert cl[key] == pytest.approx(fp32[key], rel=1e-5)
-            err = abs(low[key] - fp32[key])
-            assert 0 < err <= torch.finfo(torch.bfloat16).eps * abs(fp32[key]), (flags, key, low[key], fp32[key])
+            assert 0 < abs(low[key] - fp32[key]) <= 0.05, (flags, key, low[key], fp32[key])
 
 
 def test_cli_eval_low_precision_overflow_is_an_error(tmp_path, fake_mnist, monkeypatch, capsys):
@@ -229,6 +229,8 @@ def test_cli_eval_low_precision_overflow_is_an_error(tmp_path, fake_mnist, monke
     assert "not finite under --precision bf16" in capsys.readouterr().err
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["elbo"] is None
+    with pytest.raises(ValueError, match="--precision must be one of"):  # options built in code are checked too
+        cli.EvalOptions(checkpoint=str(out / "checkpoint.pt"), precision="fp8")
 
 
 def test_cli_module_entry_point():

@@ -4,10 +4,11 @@ Backends, by name:
 
 - "triton": `matnet.kernels.<module>.<op>_fwd / <op>_bwd` (CUDA tensors; needs triton);
 - "ext": `torch.ops.matnet.<op>_fwd / <op>_bwd`, the C++/CUDA kernels of matnet._C;
-- "reference": `matnet.ops.reference.<op>_fwd / <op>_bwd`, plain torch, for everything else. The public
-  wrappers of the convolution ops (`residual_conv_block`, `masked_conv2d`) run their reference backend as
-  the composite `reference.<op>` under autograd instead: there it is torch's own convolutions either way, and
-  autograd's backward was 5-10% faster than the explicit one (no second concatenation, no gradient copies).
+- "reference": `matnet.ops.reference.<op>_fwd / <op>_bwd`, plain torch, for everything else. In eager mode
+  the public wrappers of the convolution ops (`residual_conv_block`, `masked_conv2d`) run their reference
+  backend as the composite `reference.<op>` under autograd instead: it is torch's own convolutions either way,
+  and autograd's backward was 5-10% faster than the explicit one (no second concatenation, no gradient copies).
+  Under torch.compile they call the registered op, so the table is never traced.
 
 Each op's module declares a `Kernels` table: for each device the backends it has, in order of
 preference. `Kernels.backend(t)` takes the first one that supports t's dtype and is loaded, else the

@@ -107,7 +107,7 @@ def masked_conv2d(
     Cx input channels masked by `causal_mask(k, mask_type)`; bias: [Co] or None. Returns [B, Co, H, W].
     """
     _validate(x, weight, bias, mask_type, cond)
-    if KERNELS.backend(x) == "reference":  # torch's convolution: through autograd, as residual_conv_block
+    if not torch.compiler.is_compiling() and KERNELS.backend(x) == "reference":  # as residual_conv_block
         x, weight, bias, cond = autocast_inputs("conv", x.device.type, (x, weight, bias, cond))
         return reference.masked_conv2d(x, weight, bias, mask_type, cond)
     return _masked_conv2d(x, weight, bias, mask_type, cond)

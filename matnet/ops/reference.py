@@ -46,7 +46,8 @@ def gaussian_sample_kl(
     kl = 0.5 * (logvar_p - logvar_q + (exp(logvar_q) + (mu_q - mu_p)^2) * exp(-logvar_p) - 1)
     All inputs share one shape; both outputs have it too. Computed in fp32 at least, as the fused op (in bf16
     the KL's terms near 1 cancel: an `mnist` MatNet under bf16 autocast summed its KL to -1.7 nats per image
-    where fp64 gives 0.5). Returned in the inputs' dtype, or fp32 under autocast (the op's autocast rule).
+    where fp64 gives 0.5). Returned in mu_q's dtype, or under autocast in fp32 (fp64 for fp64 inputs), as the
+    op's autocast rule.
     """
     dtype = mu_q.dtype
     mu_q, logvar_q, mu_p, logvar_p, eps = _fp32_at_least(mu_q, logvar_q, mu_p, logvar_p, eps)

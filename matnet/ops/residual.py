@@ -129,9 +129,10 @@ def residual_conv_block(
     w2: [C, M, k2, k2]; b2: [C] or None; odd k; slope >= 0. Returns [B, C, H, W].
     """
     _validate(h, w1, b1, w2, b2, extra, slope)
-    if KERNELS.backend(h) == "reference":
-        # torch's convolutions (CPU, fp64): autograd through them outruns the registered op, whose explicit
-        # backward concatenates [h; extra] again and copies the extra's gradient out of the concatenation's
+    if not torch.compiler.is_compiling() and KERNELS.backend(h) == "reference":
+        # torch's convolutions (CPU, fp64): in eager mode autograd through them outruns the registered op, whose
+        # explicit backward concatenates [h; extra] again and copies the extra's gradient out of the
+        # concatenation's; compiled graphs keep the registered op (the table is not traced)
         args = autocast_inputs("conv", h.device.type, (h, w1, b1, w2, b2, extra))
         return reference.residual_conv_block(*args, float(slope))
     return _residual_conv_block(h, w1, b1, w2, b2, extra, float(slope))[0]
