@@ -1,9 +1,11 @@
 """FastMatNet against MatNet with the same weights and the same noise, judged against a float64 MatNet
 (the noise is drawn in fp32 whatever the model's dtype, so the fp64 copy sees the same draws)."""
 
+from unittest import mock
+
 import pytest
 import torch
-from helpers import assert_all_within_ref_error, assert_within_ref_error, random_data
+from helpers import assert_all_within_ref_error, assert_within_ref_error, max_err, random_data, scale_of
 
 import matnet
 
@@ -21,12 +23,37 @@ def _truth(ref):
     return truth
 
 
+OUTPUTS = ("loss", "kl", "recon_nll")
+
+
 def assert_model_within_ref_error(out_f, g_f, out_r, g_r, out_t, g_t):
     """Loss, per-module KL, reconstruction and every parameter gradient of the fast model: error against
     the fp64 model at most twice the fp32 reference's own."""
-    outs = [{k: getattr(o, k) for k in ("loss", "kl", "recon_nll")} for o in (out_f, out_r, out_t)]
+    outs = [{k: getattr(o, k) for k in OUTPUTS} for o in (out_f, out_r, out_t)]
     assert_all_within_ref_error("output", *outs)
     assert_all_within_ref_error("grad", g_f, g_r, g_t)
+
+
+def _ref_envelope(ref, x, seed, out_t, g_t):
+    """The fp32 reference at the noise as drawn and nudged by one fp32 ulp up and down, each group (outputs,
+    gradients) from the run farthest from the fp64 truth. A MatNet's gradients jump where a leaky ReLU's input
+    crosses zero, so where an fp32 pre-activation lies within rounding of one, rounding alone moves the reference
+    that far (one cifar10-ar input: a 1-ulp nudge of the noise took the reference's worst gradient error from
+    3.6e-6 to 3.5e-4, and the fast model, whose own rounding fell on the other side, lands there too). The fast
+    model is held to twice this envelope, not to the side of the kink the reference happened to round to."""
+    real = type(ref).noise
+    runs = []
+    for f in (1.0, 1.0 + 2.0**-23, 1.0 - 2.0**-23):
+        with mock.patch.object(type(ref), "noise", lambda self, shape, device, _f=f: real(self, shape, device) * _f):
+            runs.append(_run(ref, x, seed))
+
+    def worst(group: dict, truth: dict) -> float:
+        return max(max_err(group[k], truth[k]) / scale_of(truth[k]) for k in truth)
+
+    outs_t = {k: getattr(out_t, k) for k in OUTPUTS}
+    out_r = max((r[0] for r in runs), key=lambda o: worst({k: getattr(o, k) for k in OUTPUTS}, outs_t))
+    g_r = max((r[1] for r in runs), key=lambda g: worst(g, g_t))
+    return out_r, g_r
 
 
 def _run(model, x, seed):
@@ -52,9 +79,9 @@ def test_fast_matches_reference(name):
     ref, fast = _pair(cfg)
     assert list(ref.state_dict()) == list(fast.state_dict())
     x = random_data(cfg, 3 if name != "mnist" else 4)
-    out_r, g_r = _run(ref, x, seed=7)
     out_f, g_f = _run(fast, x, seed=7)
     out_t, g_t = _run(_truth(ref), x.double(), seed=7)
+    out_r, g_r = _ref_envelope(ref, x, 7, out_t, g_t)
     assert_model_within_ref_error(out_f, g_f, out_r, g_r, out_t, g_t)
 
 
