@@ -8,7 +8,7 @@ Backends, by name:
   the public wrappers of the convolution ops (`residual_conv_block`, `masked_conv2d`) run their reference
   backend as the composite `reference.<op>` under autograd instead: it is torch's own convolutions either way,
   and autograd's backward was 5-10% faster than the explicit one (no second concatenation, no gradient copies).
-  Under torch.compile they call the registered op, so the table is never traced.
+  Under torch.compile they call the registered op, so the table is never traced (`composite_inputs`).
 
 Each op's module declares a `Kernels` table: for each device the backends it has, in order of
 preference. `Kernels.backend(t)` takes the first one that supports t's dtype and is loaded, else the
@@ -191,6 +191,16 @@ def _cast(v, dtype: torch.dtype, device_type: str):
             and v.dtype != torch.float64:
         return v.to(dtype)
     return v
+
+
+def composite_inputs(table: Kernels, args: tuple) -> tuple | None:
+    """For a convolution op whose reference backend is torch's own convolutions: its inputs (args[0] picks the
+    backend), cast as its autocast rule casts them, when the wrapper should run the composite `reference.<op>`
+    under autograd (eager mode, reference backend), else None. None while compiling, so the table, whose checks
+    import modules on CUDA, is never traced."""
+    if torch.compiler.is_compiling() or table.backend(args[0]) != "reference":
+        return None
+    return autocast_inputs("conv", args[0].device.type, args)
 
 
 def autocast_inputs(rule: str, device_type: str, args: tuple) -> tuple:

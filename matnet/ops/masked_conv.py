@@ -10,10 +10,10 @@ import torch
 from . import reference
 from ._dispatch import (
     LOW_AND_FP32,
-    autocast_inputs,
     check_4d,
     check_kernel,
     check_like,
+    composite_inputs,
     empty_in_layout,
     kernels,
     register_autocast,
@@ -107,7 +107,7 @@ def masked_conv2d(
     Cx input channels masked by `causal_mask(k, mask_type)`; bias: [Co] or None. Returns [B, Co, H, W].
     """
     _validate(x, weight, bias, mask_type, cond)
-    if not torch.compiler.is_compiling() and KERNELS.backend(x) == "reference":  # as residual_conv_block
-        x, weight, bias, cond = autocast_inputs("conv", x.device.type, (x, weight, bias, cond))
+    if (args := composite_inputs(KERNELS, (x, weight, bias, cond))) is not None:  # as residual_conv_block
+        x, weight, bias, cond = args
         return reference.masked_conv2d(x, weight, bias, mask_type, cond)
     return _masked_conv2d(x, weight, bias, mask_type, cond)

@@ -12,10 +12,10 @@ import torch
 from . import reference
 from ._dispatch import (
     LOW_AND_FP32,
-    autocast_inputs,
     check_4d,
     check_kernel,
     check_like,
+    composite_inputs,
     empty_in_layout,
     kernels,
     register_autocast,
@@ -129,10 +129,8 @@ def residual_conv_block(
     w2: [C, M, k2, k2]; b2: [C] or None; odd k; slope >= 0. Returns [B, C, H, W].
     """
     _validate(h, w1, b1, w2, b2, extra, slope)
-    if not torch.compiler.is_compiling() and KERNELS.backend(h) == "reference":
-        # torch's convolutions (CPU, fp64): in eager mode autograd through them outruns the registered op, whose
-        # explicit backward concatenates [h; extra] again and copies the extra's gradient out of the
-        # concatenation's; compiled graphs keep the registered op (the table is not traced)
-        args = autocast_inputs("conv", h.device.type, (h, w1, b1, w2, b2, extra))
+    # CPU (and fp64): autograd through torch's convolutions outruns the registered op, whose explicit backward
+    # concatenates [h; extra] again and copies the extra's gradient out of the concatenation's
+    if (args := composite_inputs(KERNELS, (h, w1, b1, w2, b2, extra))) is not None:
         return reference.residual_conv_block(*args, float(slope))
     return _residual_conv_block(h, w1, b1, w2, b2, extra, float(slope))[0]
