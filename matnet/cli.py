@@ -327,7 +327,8 @@ def _scored(o: EvalOptions, dev: torch.device, score: typing.Callable[[], dict])
         res = score()
     bad = [k for k in ("elbo", "iwae") if k in res and not math.isfinite(res[k])]
     if bad and o.precision != "fp32":
-        raise LowPrecisionOverflow(f"the {' and '.join(bad)} bound is not finite under --precision {o.precision} "
+        said = f"the {bad[0]} bound is" if len(bad) == 1 else f"the {' and '.join(bad)} bounds are"
+        raise LowPrecisionOverflow(f"{said} not finite under --precision {o.precision} "
                                    "(an overflow in low precision); evaluate with --precision fp32")
     return res
 

@@ -18,7 +18,7 @@ from helpers import assert_all_within_ref_error
 from test_train import _opts, _tiny, make_fake_mnist
 
 from matnet import cli, distributed
-from matnet.checkpoint import load_checkpoint, load_model
+from matnet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from matnet.data import BatchLoader, ImageDataset, load_dataset
 from matnet.distributed import Rows
 from matnet.inpaint import InpaintTask
@@ -284,6 +284,39 @@ def test_distributed_evaluation_equals_one_process(tmp_path, fake_mnist, two_pro
                 truth[f"{name} {k}"] = torch.tensor(exact[k], dtype=torch.float64).reshape(-1)
     assert len(got) == 5
     assert_all_within_ref_error("distributed evaluation", got, ref, truth)
+
+
+def test_low_precision_evaluation_on_two_processes(tmp_path, fake_mnist, two_process_run, capsys):
+    """`matnet eval --precision bf16 --channels-last` under torchrun gives one process's bf16 bounds, judged
+    against the fp32 ones (the error bf16 adds dwarfs fp32's) by the repo's rule; a bound that overflows fp16
+    is one error line, from rank 0 alone, and every worker exits 2."""
+    ck = str(two_process_run / "checkpoint.pt")
+    argv = ["eval", ck, "--data-dir", fake_mnist, "--split", "val", "--val-size", "101", "--device", "cpu",
+            "--threads", "1", "--n-images", "15", "--k", "20", "--iwae-images", "5", "--batch-size", "2"]
+
+    def one(*flags):
+        assert cli.main([*argv, *flags]) == 0
+        return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+    rc, out, err = _run2([*argv, "--precision", "bf16", "--channels-last"])
+    assert rc == 0, err[-3000:]
+    two = json.loads([line for line in out.splitlines() if line.startswith("{")][0])
+    bounds = {"got": two, "ref": one("--precision", "bf16"), "truth": one()}
+    assert two["precision"] == "bf16" and bounds["truth"]["precision"] == "fp32"
+    got, ref, truth = ({k: torch.tensor([b[k]], dtype=torch.float64) for k in ("elbo", "iwae")}
+                       for b in bounds.values())
+    assert all(ref[k] != truth[k] != got[k] for k in truth)  # bf16 did run, on one process and on two
+    assert_all_within_ref_error("bf16 evaluation, 2 processes", got, ref, truth)
+
+    st = load_checkpoint(ck)
+    st["model"]["out.weight"] *= 1e6  # logits past fp16's 65504: finite in fp32, inf under fp16 autocast
+    save_checkpoint(tmp_path / "big.pt", st)
+    argv[1] = str(tmp_path / "big.pt")
+    one()  # fp32: finite
+    rc, _, err = _run2([*argv, "--precision", "fp16"])
+    assert rc != 0 and _worker_codes(err) == {"2"}, err[-3000:]
+    assert _messages(err) == ["matnet eval: error: the elbo and iwae bounds are not finite under --precision fp16 "
+                              "(an overflow in low precision); evaluate with --precision fp32"]
 
 
 @pytest.fixture(scope="module")
