@@ -81,9 +81,13 @@ def fmt_pct(value: float | None) -> str:
     return "-" if value is None else f"{100.0 * value:.1f}%"
 
 
-def load(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
+def load(*paths: str) -> dict[str, Any]:
+    """One results file, or several as one: their benchmarks in order, the first file's machine and commit."""
+    datas = []
+    for path in paths:
+        with open(path) as f:
+            datas.append(json.load(f))
+    return {**datas[0], "benchmarks": [b for d in datas for b in d.get("benchmarks", [])]}
 
 
 def collect(data: dict[str, Any], stat: str) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
@@ -221,7 +225,7 @@ def report(data: dict[str, Any], markdown: bool = False, stat: str = "median") -
         out.append("")
         out.append(render(header, rows, markdown))
     legend = ["ref/fast: speed-up of the fast implementation over the reference (> 1: faster);"
-              " compiled/fast: over torch.compile(MatNet).",
+              " compiled/fast: over torch.compile of the reference (op or MatNet).",
               "img/s: images per second (IWAE: images x samples); GB/s and FLOP/s: analytic bytes and FLOPs"
               " per call (benchmarks/benchutil.py) over the fast time.",
               "% peak FLOP: against bf16 / tf32 tensor-core peaks for convolution ops and model steps"
@@ -238,12 +242,12 @@ def report(data: dict[str, Any], markdown: bool = False, stat: str = "median") -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", help="a JSON file written by pytest --benchmark-json")
+    p.add_argument("results", nargs="+", help="JSON files written by pytest --benchmark-json (several: one report)")
     p.add_argument("--markdown", action="store_true", help="Markdown tables (for benchmarks/RESULTS.md)")
     p.add_argument("--stat", default="median", choices=("median", "min", "mean"),
                    help="which statistic of the rounds to report (default: median)")
     args = p.parse_args(argv)
-    text = report(load(args.results), markdown=args.markdown, stat=args.stat)
+    text = report(load(*args.results), markdown=args.markdown, stat=args.stat)
     try:
         print(text)
     except BrokenPipeError:  # e.g. piped into head

@@ -2,23 +2,28 @@
 forward and forward + backward, at the shapes a MatNet really has.
 
 Groups are named '<op>[<case>]-<mode>-<device>-<dtype>' with mode 'fwd' or 'fwdbwd'; inside a group
-the parameter `impl` is 'reference' or 'fast'. 'fwd' runs under no_grad (inference: sampling, IWAE);
-'fwdbwd' runs the forward with autograd and the gradients of every input that training differentiates
-(not of data such as x, nor of the noise eps), against a fixed random incoming gradient.
+the parameter `impl` is 'reference' or 'fast', and for the residual block also 'compiled' (torch.compile of the
+reference, compiled outside the timed region; skipped in quick mode and with MATNET_BENCH_NO_COMPILE=1).
+'fwd' runs under no_grad (inference: sampling, IWAE); 'fwdbwd' runs the forward with autograd and the gradients
+of every input that training differentiates (not of data such as x, nor of the noise eps), against a fixed random
+incoming gradient.
 Case names: dataset-<H>x<W>-c<channels>[-merge|-td]-b<batch>; 'iwae' cases have the batch of one
 importance-sampling chunk (images x samples). See benchutil.py for the cost models.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 from benchutil import (
+    NO_COMPILE_ENV,
     Case,
     conv_flops,
     device_params,
+    env_flag,
     numel,
     qualname,
     quick_mode,
@@ -26,6 +31,7 @@ from benchutil import (
     resolve,
     run_benchmark,
     scaled_batch,
+    synchronized,
 )
 
 import matnet.ops
@@ -36,7 +42,11 @@ MODES = ("fwd", "fwdbwd")
 
 
 def op_impl(name: str, impl: str) -> Callable:
-    """The public fast entry point or the reference of an op, looked up when the benchmark runs."""
+    """The public fast entry point, the reference, or torch.compile of the reference ('compiled'), looked up
+    when the benchmark runs."""
+    if impl == "compiled":
+        torch._dynamo.reset()  # each case compiles afresh: past the recompile limit dynamo would run it eagerly
+        return torch.compile(getattr(reference, name), dynamic=False)
     return getattr(reference if impl == "reference" else matnet.ops, name)
 
 
@@ -51,6 +61,11 @@ def bench_op(benchmark, *, op: str, impl: str, mode: str, case: Case, dev: torch
 
     Bytes: fwd = inputs + outputs; fwdbwd = fwd + incoming gradients + inputs read again + gradients
     written (see benchutil.py)."""
+    if impl == "compiled" and quick:
+        pytest.skip("torch.compile is not run in quick mode")
+    if impl == "compiled" and env_flag(NO_COMPILE_ENV):
+        pytest.skip(f"{NO_COMPILE_ENV}=1")
+    t0 = time.perf_counter()
     fn = op_impl(op, impl)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     es = tensors[0].element_size()
@@ -78,6 +93,9 @@ def bench_op(benchmark, *, op: str, impl: str, mode: str, case: Case, dev: torch
             return torch.autograd.grad(_outputs(fn(*args)), targets, grad_out)
 
     del probe
+    if impl == "compiled":  # compile (the probe: no-grad graph; this call: the training graphs) outside the timing
+        synchronized(call, dev)()
+        info["compile_s"] = round(time.perf_counter() - t0, 2)
     record(benchmark, op=op, case=case, impl=impl, mode=mode, dev=dev, dtype=dtype, batch=batch, images=batch,
            bytes_moved=bytes_moved, flops=flops, quick=quick, fn=qualname(fn), **info)
     run_benchmark(benchmark, call, dev)
@@ -136,7 +154,7 @@ RESIDUAL_CASES = [
 
 @pytest.mark.parametrize(("device", "dtype", "case"), device_params(RESIDUAL_CASES))
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", (*IMPLS, "compiled"))  # issue 10's targets: against eager and compiled
 def test_residual_conv_block(benchmark, impl, mode, device, dtype, case):
     dev, dt = resolve(device, dtype)
     quick = quick_mode(benchmark)

@@ -2,10 +2,18 @@
 # The GPU check: on a machine whose python3 already has a CUDA build of torch and Triton (and nvcc),
 # with no package registry and no ruff. Writes everything into OUT_DIR (default runs/gpu_check).
 #
-#   bash scripts/gpu_check.sh [OUT_DIR] [--phase tests|bench|bench-ops|bench-models|train|run10|all] [--dry-run]
+#   bash scripts/gpu_check.sh [OUT_DIR] [--phase quick|tests|bench|bench-ops|bench-models|train|run10|all] [--dry-run]
 #
 # Each phase is meant to fit one 10-minute call; a phase that fails is reported and the next one still runs,
 # and the script exits 1 at the end if any did.
+# Phase "quick" (the first call on a GPU when device time is short): the whole check in QUICK_SECONDS (default
+#   420) after the install, each part cut off at its share of that time so that a call that runs out still
+#   returns what finished: the CUDA tests alone (tests_cuda.log; 45%), the headline kernel benchmarks (the
+#   residual block's forward + backward in bf16 channels_last on the CIFAR shapes against eager cuDNN and
+#   torch.compile of the reference, and the memory-bound ops at their largest shapes: bench_quick_*.json, .md;
+#   30%), then with MATNET_DATA_DIR the cifar10 training step at batch TRAIN_BATCH (default 256): reference ops
+#   fp32 eager, then bf16 channels_last with fused and reference ops, eager and compiled (train_quick.md and
+#   .json; the rest of the time).
 # Phase "tests": installs matnet in place with its CUDA kernels (pip --no-index --no-deps
 #   --no-build-isolation -e ., MATNET_WITH_CUDA=1), asserts that the extension has CUDA and that the CUDA ops
 #   dispatch to Triton, then runs every test with MATNET_REQUIRE_CUDA=1, which turns a skipped CUDA, Triton
@@ -30,8 +38,8 @@
 # --dry-run (CI, on a CPU machine): the same steps with CPU stand-ins (no CUDA build or asserts, test
 #   collection only, one CPU benchmark of each part in quick mode, one 3-step training run), so that the
 #   script cannot rot.
-# Environment: PYTHON (default python3), MATNET_DATA_DIR, TRAIN_PRESETS, TRAIN_BATCH, BENCH_MAX_TIME, RUN_MINUTES,
-#   RUN_STEPS, RUN_BATCH.
+# Environment: PYTHON (default python3), MATNET_DATA_DIR, QUICK_SECONDS, TRAIN_PRESETS, TRAIN_BATCH, BENCH_MAX_TIME,
+#   RUN_MINUTES, RUN_STEPS, RUN_BATCH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=runs/gpu_check
@@ -46,8 +54,9 @@ while [ $# -gt 0 ]; do
     *) OUT=$1; shift ;;
   esac
 done
-case "$PHASE" in tests|bench|bench-ops|bench-models|train|run10|all) ;;
-  *) echo "gpu_check.sh: --phase must be tests, bench, bench-ops, bench-models, train, run10 or all" >&2; exit 2 ;;
+case "$PHASE" in quick|tests|bench|bench-ops|bench-models|train|run10|all) ;;
+  *) echo "gpu_check.sh: --phase must be quick, tests, bench, bench-ops, bench-models, train, run10 or all" >&2
+     exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -185,8 +194,61 @@ phase_run10() {
     --iwae-images 1000 --out "$OUT/run10_eval.json" 2>&1 | tee -a "$OUT/run10_train.log" || failed "run10 eval"
 }
 
+capped() {  # capped SECONDS CMD...: CMD, interrupted (SIGINT: pytest still writes its reports) after SECONDS
+  local secs=$1; shift
+  [ "$secs" -gt 0 ] || { log "no time left for: $*"; return 124; }
+  timeout -s INT -k 30 "$secs" "$@"
+}
+
+phase_quick() {
+  log "phase quick"
+  local budget=${QUICK_SECONDS:-420} t0=$SECONDS rc
+  left() { echo $((budget - (SECONDS - t0))); }
+  local cmd=(env -u TRITON_INTERPRET "MATNET_REQUIRE_CUDA=$((1 - DRY))" "$PY" -m pytest tests -q -p no:cacheprovider
+             -k cuda --junitxml="$OUT/tests_cuda.xml")
+  [ "$DRY" = 1 ] && cmd+=(--collect-only)
+  "$PY" -c "import xdist" 2>/dev/null && cmd+=(-n 8 --dist loadfile)
+  rc=0; capped $((budget * 45 / 100)) "${cmd[@]}" > "$OUT/tests_cuda.log" 2>&1 || rc=$?
+  tail -3 "$OUT/tests_cuda.log"
+  [ $rc = 0 ] || failed "quick: CUDA tests (exit $rc; 124 or 130: cut off)"
+
+  # the residual block in bf16 channels_last on the CIFAR shapes and the memory-bound ops at their IWAE shapes;
+  # torch.compile of the residual block last, in a run of its own (a compile per case): a cut-off drops it first
+  local sel part jsons=() until=$((SECONDS + budget * 30 / 100))
+  sel="(residual_conv_block and fwdbwd and bf16 and cifar10 and cl) or (bf16 and iwae and not residual)"
+  [ "$DRY" = 1 ] && sel="cpu and mnist-7x7 and (residual_conv_block or gaussian_sample_kl) and fwdbwd"
+  rm -f "$OUT"/bench_quick*
+  for part in eager compiled; do
+    local json="$OUT/bench_quick_$part.json" k="cuda and ($sel) and not compiled"
+    [ "$part" = compiled ] && k="cuda and ($sel) and residual_conv_block and compiled"
+    [ "$DRY" = 1 ] && k="$sel and $([ "$part" = compiled ] || echo not) compiled"  # quick mode skips compiled
+    rc=0; MATNET_BENCH_QUICK=$DRY capped "$(( until - SECONDS < $(left) ? until - SECONDS : $(left) ))" \
+      "$PY" -m pytest benchmarks/test_bench_ops.py -q -p no:cacheprovider --benchmark-only -k "$k" \
+      --benchmark-max-time="${BENCH_MAX_TIME:-0.1}" --benchmark-json="$json" > "$OUT/bench_quick_$part.log" 2>&1 \
+      || rc=$?
+    [ $rc = 0 ] || { tail -5 "$OUT/bench_quick_$part.log"
+                     failed "quick: $part benchmarks (exit $rc; 124 or 130: cut off)"; }
+    [ -s "$json" ] && jsons+=("$json")
+  done
+  if [ ${#jsons[@]} -gt 0 ]; then
+    "$PY" benchmarks/report.py "${jsons[@]}" --markdown | tee "$OUT/bench_quick.md" || failed "quick: benchmark report"
+  fi
+
+  have_data quick || return 0
+  # reference fp32 eager (the baseline of the table), then fused and reference bf16 channels_last, eager before
+  # compiled: the cut-off drops the compiled ones first (the JSON is written after each setting)
+  local train=(--preset cifar10 --batch "${TRAIN_BATCH:-256}" --steps 20 --device cuda --only 1,6,2,7,3
+               --timeout 150 --json "$OUT/train_quick.json")
+  [ "$DRY" = 1 ] && train=(--preset tiny --steps 3 --only 1 --threads 1 --device cpu)
+  rc=0; capped "$(left)" "$PY" benchmarks/train_throughput.py "${train[@]}" > "$OUT/train_quick.md" \
+    2> "$OUT/train_quick.log" || rc=$?
+  cat "$OUT/train_quick.md"
+  [ $rc = 0 ] || { tail -5 "$OUT/train_quick.log"; failed "quick: training step (exit $rc; 124 or 130: cut off)"; }
+}
+
 install
 case "$PHASE" in
+  quick) phase_quick ;;
   tests) phase_tests ;;
   bench) bench_part ops test_bench_ops.py; bench_part models test_bench_model.py ;;
   bench-ops) bench_part ops test_bench_ops.py ;;
@@ -194,7 +256,7 @@ case "$PHASE" in
   train) phase_train ;;
   run10) phase_run10 ;;
   all) phase_tests; bench_part ops test_bench_ops.py; bench_part models test_bench_model.py
-       if [ "$DRY" = 1 ]; then phase_train; phase_run10; fi ;;
+       if [ "$DRY" = 1 ]; then phase_train; phase_run10; phase_quick; fi ;;
 esac
 if [ ${#FAILED[@]} -gt 0 ]; then
   log "done: $OUT; failed: ${FAILED[*]}"
