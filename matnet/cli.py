@@ -399,14 +399,16 @@ def _eval_inpaint(o: EvalOptions, a: argparse.Namespace, dev: torch.device) -> i
                                                  mask_seed=o.mask_seed, device=dev, progress=True, chunk=o.chunk))
     res = {"task": "inpaint", "nll_of": "missing pixels (nats per image)", "imputation_elbo": r["elbo"]}
     if "iwae" in r:
-        res.update(imputation_iwae=r["iwae"], iwae_k=r["iwae_k"], iwae_images=r["iwae_images"])
+        res.update(imputation_iwae=r["iwae"], iwae_k=r["iwae_k"], iwae_images=r["iwae_images"],
+                   iwae_missing_pixels_per_image=r["iwae_missing_pixels_per_image"])
     res.update(mask=r["mask"], mask_seed=o.mask_seed, missing_pixels_per_image=r["missing_pixels_per_image"],
                seconds=time.time() - t, step=meta["step"], split=o.split, elbo_images=n,
                dataset=o.dataset or cfg.dataset, precision=o.precision)
-    dims = r["missing_pixels_per_image"] * cfg.image_channels
-    if cfg.likelihood != "bernoulli" and dims > 0:  # bits per missing dimension
-        for key in ("imputation_elbo", "imputation_iwae"):
-            if key in res:
+    if cfg.likelihood != "bernoulli":  # bits per missing dimension, each bound over its own images' masks
+        for key, pixels in (("imputation_elbo", "missing_pixels_per_image"),
+                            ("imputation_iwae", "iwae_missing_pixels_per_image")):
+            dims = res.get(pixels, 0) * cfg.image_channels
+            if key in res and dims > 0:
                 res[key + "_bits_per_dim"] = res[key] / (dims * math.log(2))
     _emit(res, o.out)
     return 0

@@ -140,8 +140,8 @@ def evaluate_inpaint(model: ConditionalMatNet, data: ImageDataset, mask: str | M
                      chunk: int | None = None) -> dict:
     """Imputation NLL in nats per image over the missing pixels: the Eq. 6 bound ("elbo") on the first `n_images`
     of `data` and the IWAE bound on -log p(x^u | x^k) ("iwae") on the first `iwae_images`, each image with the
-    same fixed mask (`fixed_masks(mask, ..., seed=mask_seed)`, whatever the batch size). Like `train.evaluate`,
-    it runs under a forked RNG seeded with `seed`."""
+    same fixed mask (`fixed_masks(mask, ..., seed=mask_seed)`, whatever the batch size), with the mean number of
+    missing pixels of each bound's images. Like `train.evaluate`, it runs under a forked RNG seeded with `seed`."""
     from .train import evaluate
 
     n = min(n_images, len(data))
@@ -150,8 +150,10 @@ def evaluate_inpaint(model: ConditionalMatNet, data: ImageDataset, mask: str | M
     dev = device or next(model.parameters()).device
     res = evaluate(model, data, n_images, iwae_k, iwae_images, batch_size, seed, device, progress, chunk,
                    extra_inputs=lambda i, j: (masks[i:j].to(dev),))
-    return {"mask": masks_spec(mask), "mask_seed": mask_seed, "missing_pixels_per_image": masks[:n].sum().item() / n,
-            **res}
+    out = {"mask": masks_spec(mask), "mask_seed": mask_seed, "missing_pixels_per_image": masks[:n].sum().item() / n}
+    if "iwae" in res:  # the IWAE images are a prefix of their own length: their masks miss other pixel counts
+        out["iwae_missing_pixels_per_image"] = masks[:res["iwae_images"]].sum().item() / res["iwae_images"]
+    return {**out, **res}
 
 
 def masks_spec(mask: str | MaskGenerator) -> str:

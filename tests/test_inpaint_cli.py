@@ -12,7 +12,8 @@ from test_train import _opts, _tiny, make_fake_mnist
 import matnet
 from matnet import cli, plots
 from matnet.checkpoint import load_checkpoint
-from matnet.inpaint import data_mean, load_inpaint_model
+from matnet.data import load_dataset
+from matnet.inpaint import data_mean, evaluate_inpaint, load_inpaint_model
 from matnet.masks import fixed_masks
 from matnet.train import Trainer
 
@@ -89,12 +90,38 @@ def test_eval_reports_the_imputation_nll(inpaint_ckpt, fake_mnist, tmp_path):
     assert 12 * 12 <= res["missing_pixels_per_image"] <= 3 * 12 * 12
     again = run()  # fixed seeded masks and noise: the same numbers
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}
+    masks = fixed_masks("occluders:3x12", 8, 28, 28, seed=0)  # --mask-seed 0: image i gets mask i
+    assert res["missing_pixels_per_image"] == masks.sum().item() / 8
+    assert res["iwae_missing_pixels_per_image"] == masks[:4].sum().item() / 4  # the IWAE images' own count
     quad = run("--mask", "quadrant")
     assert quad["mask"] == "quadrant:14" and quad["missing_pixels_per_image"] == 14 * 14
     low = run("--precision", "bf16", "--channels-last")  # as test_train's density case: within 0.05 nats
     assert res["precision"] == "fp32" and low["precision"] == "bf16"
     for key in ("imputation_elbo", "imputation_iwae"):
         assert 0 < abs(low[key] - res[key]) <= 0.05, (key, low, res)
+
+
+def test_image_i_gets_mask_i_whatever_the_batch_size(inpaint_ckpt, fake_mnist, monkeypatch):
+    """The masks that reach the model's bounds, batch after batch, are the fixed masks in image order."""
+    model, _ = load_inpaint_model(inpaint_ckpt, "cpu")
+    data = load_dataset("mnist", "test", fake_mnist)
+    want = fixed_masks("occluders:3x12", 7, 28, 28, seed=0)
+    cls = type(model)
+
+    def spy(method, seen_by):
+        def wrapped(self, x, mask, *a, **k):
+            seen_by.append(mask.clone())
+            return method(self, x, mask, *a, **k)
+        return wrapped
+
+    for batch in (2, 3, 7):
+        seen = {"forward": [], "iwae_nll": []}
+        for name, seen_by in seen.items():
+            monkeypatch.setattr(cls, name, spy(getattr(cls, name), seen_by))
+        evaluate_inpaint(model, data, "occluders:3x12", 7, iwae_k=2, iwae_images=5, batch_size=batch)
+        monkeypatch.undo()
+        assert torch.equal(torch.cat(seen["forward"]), want), batch
+        assert torch.equal(torch.cat(seen["iwae_nll"]), want[:5]), batch
 
 
 def _cells(path, rows, cols, size):
