@@ -115,16 +115,7 @@ def test_widths_per_scale_and_stem():
 
 
 def test_orthogonal_init_with_gain_and_zero_biases():
-    m = matnet.MatNet(SMALL)
-    checked = 0
-    for mod in m.modules():
-        if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
-            w = mod.weight.detach().flatten(1)
-            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
-            torch.testing.assert_close(gram, 1.21 * torch.eye(len(gram)), atol=1e-5, rtol=0)
-            assert torch.count_nonzero(mod.bias) == 0
-            checked += 1
-    assert checked > 20
+    assert _orthogonal_with_zero_biases(matnet.MatNet(SMALL)) > 20
     default = matnet.MatNet(SMALL.replace(ortho_init_gain=0.0))
     assert torch.count_nonzero(default.out.bias) == 1  # torch's default init: not orthogonal, biases not 0
 
@@ -370,3 +361,51 @@ def test_eval_cli_says_when_finetuning_hurts_and_keeps_the_plain_bounds_when_it_
     assert "fine-tuning the inference network diverged" in capsys.readouterr().err
     res = json.loads(out.read_text())  # the bounds computed before it are kept
     assert res["finetune_diverged"] is True and {"elbo", "iwae"} <= set(res) and "elbo_finetuned" not in res
+
+
+def _orthogonal_with_zero_biases(module: torch.nn.Module) -> int:
+    """Asserts gain 1.1 orthogonality and zero biases on every conv and linear layer; returns how many."""
+    checked = 0
+    for mod in module.modules():
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            w = mod.weight.detach().flatten(1)
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            torch.testing.assert_close(gram, 1.21 * torch.eye(len(gram)), atol=1e-5, rtol=0)
+            assert torch.count_nonzero(mod.bias) == 0
+            checked += 1
+    return checked
+
+
+def test_conditional_stages_carry_the_original_options():
+    """ConditionalMatNet under an *_orig config: every stage orthogonally initialised, its means and
+    log-variances scaled by a trainable scalar of its own (0.2), and its logits clipped at +-15."""
+    cfg = SMALL.replace(stages=2)
+    cm = matnet.ConditionalMatNet(cfg)
+    x = random_data(cfg, 2)
+    m = torch.zeros(2, 1, 28, 28)
+    m[:, :, 14:, :14] = 1
+    for stage in cm.stages:
+        assert _orthogonal_with_zero_biases(stage) > 20
+        assert stage.latent_scale.requires_grad and stage.latent_scale.item() == pytest.approx(0.2)
+
+    def priors():
+        torch.manual_seed(5)
+        return cm.prior_params(x, m)
+
+    scaled = priors()
+    for s, stage in enumerate(cm.stages):  # stage s unscaled, the stages before it as they were
+        with torch.no_grad():
+            stage.latent_scale.fill_(1.0)
+        unscaled = priors()[s * cfg.n_stochastic]  # the stage's z0: p(z0 | x^k, earlier stages' guess)
+        with torch.no_grad():
+            stage.latent_scale.fill_(0.2)
+        for a, b in zip(scaled[s * cfg.n_stochastic], unscaled):
+            torch.testing.assert_close(a, 0.2 * b)
+    cm(x, m).loss.backward()
+    assert all(stage.latent_scale.grad.abs() > 0 for stage in cm.stages)
+    assert not any("latent_scale" in k for k in matnet.ConditionalMatNet(cfg.replace(latent_scale=0.0)).state_dict())
+    with torch.no_grad():
+        for stage in cm.stages:
+            stage.out.bias.fill_(100.0)  # every logit far above 15
+    nll = cm(torch.zeros(2, 1, 28, 28), m).recon_nll  # the 196 missing pixels, each at softplus(15) nats
+    torch.testing.assert_close(nll, torch.full((2,), 196 * math.log1p(math.exp(15.0))), rtol=1e-4, atol=0)
