@@ -639,6 +639,11 @@ class Trainer:
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
         self.probe: tuple[torch.Tensor, ...] | None = None  # the last applied step's inputs: save() checks them
         self.guard = SkipGuard(opts.max_skips, opts.skip_window, opts.max_skip_fraction)
+        epoch = len(self.train_data) // cfg.batch_size  # steps per pass over the training images (full batches)
+        if cfg.lr_schedule == "epochs" and cfg.steps_per_epoch != epoch and self.is_main:
+            log.warning("the lr schedule counts epochs of steps_per_epoch=%d steps, but a pass over these %d training "
+                        "images is %d steps, so its halvings fall at other epochs (the original codes trained on "
+                        "every image: --val-size 0)", cfg.steps_per_epoch, len(self.train_data), epoch)
         for name, step in (("prior_refit_step", cfg.prior_refit_step),
                            ("infer_reg_start", cfg.infer_reg_start if cfg.infer_reg_weight else 0)):
             if step >= self.total and self.is_main:

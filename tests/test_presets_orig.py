@@ -3,6 +3,7 @@ logit clip, two Adam groups with clipping and L2, the epoch schedule, fixed bina
 evaluation-time fine-tuning of the inference network."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -240,6 +241,22 @@ def test_resume_mid_schedule_is_exact(tmp_path, fake_mnist):
     rows = [json.loads(r) for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows] == pytest.approx([1e-3] * 2 + [5e-4] * 2 + [2.5e-4, 2.5e-4, 1.25e-4, 1.25e-4])
     assert all(math.isfinite(r["grad_norm"]) for r in rows)
+
+
+def test_an_epoch_schedule_that_miscounts_the_epochs_is_said(tmp_path, fake_mnist, caplog):
+    """mnist_orig counts epochs of 600 steps (60,000 images): with a validation split held out, a pass over the
+    training images is fewer steps, and training says so."""
+    with caplog.at_level(logging.WARNING, logger="matnet.train"):
+        tr = Trainer(SMALL, _opts(tmp_path / "a", fake_mnist))
+    steps = len(tr.loader)
+    tr.close()
+    n = len(tr.train_data)
+    assert f"epochs of steps_per_epoch=600 steps, but a pass over these {n} training images is {steps}" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="matnet.train"):
+        Trainer(SMALL.replace(steps_per_epoch=steps), _opts(tmp_path / "b", fake_mnist)).close()
+    assert "steps_per_epoch" not in caplog.text
 
 
 def test_fixed_binarization_is_one_draw_per_image(fake_mnist):
