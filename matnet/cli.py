@@ -141,8 +141,11 @@ class InpaintOptions:
 
 @dataclass
 class ClusterOptions:
-    checkpoint: str = _f("", "checkpoint.pt of a model with a mixture prior on z0", positional=True)
-    out: str = _f("clusters.png", "PNG grid to write: one row of images per mixture component")
+    checkpoint: str = _f("", "checkpoint.pt of a model with a mixture prior on z0 (any density model with --kmeans)",
+                         positional=True)
+    out: str = _f("clusters.png", "PNG grid to write: one row of images per mixture component (or cluster)")
+    kmeans: int = _f(0, "K >= 1: cluster the posterior means E[z0 | x] by k-means (best of 10 seeded restarts) "
+                        "into K clusters instead of by the mixture's components: a baseline, for any density model")
     dataset: str | None = _f(None, "dataset (default: the checkpoint's)")
     split: str = _f("test", "dataset split", choices=("train", "val", "test"))
     n_images: int | None = _f(None, "images to cluster, >= 1 (default: all)")
@@ -150,7 +153,7 @@ class ClusterOptions:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _at_least(self, {"n_images": 1})
+        _at_least(self, {"n_images": 1, "kmeans": 0})
         _check_out(self.out, image=True)
 
 
@@ -176,7 +179,8 @@ def _at_least(opts: Any, lows: dict[str, int]) -> None:
     for name, low in lows.items():
         v = getattr(opts, name)
         if v is not None and v < low:
-            off = " (0: off)" if low == 0 and name in ("k", "iwae_images", "finetune_inference_epochs") else ""
+            zero_is_off = ("k", "iwae_images", "finetune_inference_epochs", "kmeans")
+            off = " (0: off)" if low == 0 and name in zero_is_off else ""
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}{off}, got {v}")
 
 
@@ -475,12 +479,12 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     o: ClusterOptions = from_args(ClusterOptions, a)
     _threads(a.threads)
     if _task_of(o.checkpoint) != "density":
-        raise ValueError(f"{o.checkpoint} is an inpainting model; cluster needs a model with a mixture prior on z0")
+        raise ValueError(f"{o.checkpoint} is an inpainting model; cluster needs a density model")
     model = load_model(o.checkpoint, pick_device(a.device), fast=a.fast, ema=o.ema)
     prior = model.cfg.prior
-    if prior != "gmm":
+    if prior != "gmm" and not o.kmeans:
         raise ValueError(f"{o.checkpoint} has no mixture prior on z0 (prior {prior!r}); cluster needs a model "
-                         "trained with --set prior='\"gmm\"'")
+                         "trained with --set prior='\"gmm\"', or --kmeans K")
     cfg = model.cfg
     dataset = o.dataset or cfg.dataset
     data = _model_data(dataset, o.split, a, cfg, model.dist.binary)
@@ -488,7 +492,8 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))
     labels = data.labels[:n] if dataset != "folder" else None  # image folders carry no labels
     n_classes = None if labels is None else int(data.labels.max()) + 1  # the whole split's, not the subset's
-    res = clustering.cluster_report(model, x, labels=labels, out_png=o.out, n_classes=n_classes)
+    res = clustering.cluster_report(model, x, labels=labels, out_png=o.out, n_classes=n_classes, kmeans_k=o.kmeans,
+                                    seed=a.seed)
     _emit({**res, "images": n, "split": o.split, "dataset": dataset, "out": o.out}, None)
     return 0
 

@@ -128,19 +128,22 @@ def kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10,
 @torch.no_grad()
 def cluster_report(model: torch.nn.Module, data_x: torch.Tensor, labels: IntArray | None = None,
                    out_png: str | os.PathLike | None = None, batch_size: int = 256, per_row: int = 10,
-                   n_classes: int | None = None) -> dict:
+                   n_classes: int | None = None, kmeans_k: int = 0, seed: int = 0) -> dict:
     """Assign each image of data_x [N, C, H, W] (data space, any device) to a mixture component of z0 with
-    `model.cluster`; report the component sizes and, given labels, the clustering accuracy (Hungarian when
-    K <= n_classes, majority label when K is larger; n_classes: the dataset's class count, by default
-    max(labels) + 1); with out_png, write the Fig. 3 grid (one row of images per non-empty component,
-    `matnet.plots.save_cluster_grid`)."""
-    k = model.cfg.prior_components
+    `model.cluster` or, with kmeans_k, to one of kmeans_k k-means clusters (`kmeans`, seeded) of the posterior
+    means E[z0 | x] (any density model: the baseline a mixture prior should beat); report the cluster sizes
+    and, given labels, the clustering accuracy (Hungarian when K <= n_classes, majority label when K is
+    larger; n_classes: the dataset's class count, by default max(labels) + 1); with out_png, write the Fig. 3
+    grid (one row of images per non-empty cluster, `matnet.plots.save_cluster_grid`)."""
     p = next(model.parameters())
-    assign = torch.cat([model.cluster(data_x[i: i + batch_size].to(p.device, p.dtype)).cpu()
-                        for i in range(0, len(data_x), batch_size)])
+    per_batch = (lambda x: model.z0_posterior(x)[0]) if kmeans_k else model.cluster
+    out = torch.cat([per_batch(data_x[i: i + batch_size].to(p.device, p.dtype)).cpu()
+                     for i in range(0, len(data_x), batch_size)])
+    k = kmeans_k or model.cfg.prior_components
+    assign = kmeans(out, k, seed)[1] if kmeans_k else out
     counts = torch.bincount(assign, minlength=k)
-    report: dict = {"n_images": len(assign), "n_components": k, "n_used": int((counts > 0).sum()),
-                    "counts": counts.tolist()}
+    report: dict = {"n_images": len(assign), "method": "kmeans" if kmeans_k else "mixture", "n_components": k,
+                    "n_used": int((counts > 0).sum()), "counts": counts.tolist()}
     if labels is not None:
         n_classes = n_classes or int(_ids("labels", labels).max()) + 1
         report["accuracy"] = cluster_accuracy(assign, labels, k, n_classes)

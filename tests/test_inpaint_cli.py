@@ -11,7 +11,8 @@ from test_train import _opts, _tiny, make_fake_mnist
 
 import matnet
 from matnet import cli, plots
-from matnet.checkpoint import load_checkpoint
+from matnet.checkpoint import load_checkpoint, load_model
+from matnet.clustering import cluster_accuracy, kmeans
 from matnet.data import load_dataset
 from matnet.inpaint import data_mean, evaluate_inpaint, load_inpaint_model
 from matnet.masks import fixed_masks
@@ -214,7 +215,25 @@ def test_image_folder_input(inpaint_ckpt, fake_mnist, tmp_path, capsys):
 
 def test_cluster_needs_a_mixture_prior(density_ckpt, fake_mnist, capsys):
     assert cli.main(["cluster", density_ckpt, "--data-dir", fake_mnist]) == 2
-    _one_error_line(capsys, "no mixture prior")
+    _one_error_line(capsys, "no mixture prior", "--kmeans K")
+    assert cli.main(["cluster", density_ckpt, "--data-dir", fake_mnist, "--kmeans", "-1"]) == 2
+    _one_error_line(capsys, "--kmeans must be >= 0")
+
+
+def test_cluster_kmeans_of_the_posterior_means(density_ckpt, fake_mnist, tmp_path, capsys):
+    """--kmeans K: any density model's posterior means E[z0 | x] in K k-means clusters, scored as the mixture's."""
+    out = tmp_path / "km.png"
+    assert cli.main(["cluster", density_ckpt, "--data-dir", fake_mnist, "--kmeans", "4", "--out", str(out),
+                     "--seed", "3"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["method"] == "kmeans" and res["n_components"] == 4 and sum(res["counts"]) == res["images"] == 40
+    model = load_model(density_ckpt)
+    data = load_dataset("mnist", "test", fake_mnist)
+    x = data.to_float(data.images, generator=torch.Generator().manual_seed(3))
+    assign = kmeans(model.z0_posterior(x)[0], 4, seed=3)[1]
+    assert res["counts"] == torch.bincount(assign, minlength=4).tolist()
+    assert res["accuracy"] == cluster_accuracy(assign, data.labels, 4, 10)
+    assert Image.open(out).size[0] > 28
 
 
 def test_cluster_writes_a_grid_and_the_accuracy(fake_mnist, tmp_path, capsys):
