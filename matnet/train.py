@@ -46,6 +46,7 @@ from .checkpoint import (
     DiskFullError,
     RunLock,
     atomic_write_text,
+    brief,
     config_errors_name,
     load_checkpoint,
     make_run_folder,
@@ -154,6 +155,10 @@ class TrainOptions:
     skip_window: int = _opt(200, "window of steps for --max-skip-fraction, >= 1")
     max_skip_fraction: float = _opt(0.5, "stop (exit 3) when more than this fraction of a full window is skipped")
     resume: bool = _opt(True, "resume from the checkpoint in --out")
+    start_from: str | None = _opt(None, "where --out holds no checkpoint: start from this one's weights, EMA, "
+                                        "optimizer, step, data order and RNG, under this command's config and "
+                                        "options (the model's shape must match; lr, schedules, infer_reg_*, "
+                                        "... may differ); a new run, logged in --out", flag="--from")
     ops: str = _opt("auto", "fast: the fused ops (FastMatNet); reference: plain torch ops; auto: fast wherever "
                            "they are faster, which is on CUDA (Triton/CUDA kernels) and on CPU too (C++ "
                            "likelihood and KL kernels; see README for measured ratios)", choices=OPS,
@@ -579,7 +584,10 @@ class Trainer:
         self.device = distributed.rank_device(pick_device(opts.device))
         self.ckpt_path = self.out / "checkpoint.pt"
         resume = load_checkpoint(self.ckpt_path) if opts.resume and self.ckpt_path.exists() else None
-        if resume is not None:  # a run resumes with its own config: asking for another is an error, not a switch
+        self.started_from = None if resume is not None or not opts.start_from else Path(opts.start_from)
+        if self.started_from is not None:  # another run's state under this config: load_state checks the shapes
+            resume = {**load_checkpoint(self.started_from), "config": cfg.to_dict()}
+        elif resume is not None:  # a run resumes with its own config: asking for another is an error, not a switch
             with config_errors_name(self.ckpt_path):
                 saved = MatNetConfig.from_dict(resume["config"])
             old, new = saved.to_dict(), cfg.to_dict()
@@ -750,7 +758,8 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [r for r in read_rows(path) if r.get("step", 0) <= self.step] if self.step else []
+        resumed = self.step and self.started_from is None
+        rows = [r for r in read_rows(path) if r.get("step", 0) <= self.step] if resumed else []
         atomic_write_text(path, "".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows))
 
     # ---- checkpointing ----
@@ -814,12 +823,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def load_state(self, st: dict) -> None:
-        self.model.load_state_dict(st["model"])
-        if self.ema is not None:
-            self.ema.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
-        self.opt.load_state_dict(st["optimizer"])  # moves the moments to the parameters' device
+        try:
+            self.model.load_state_dict(st["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
+            self.opt.load_state_dict(st["optimizer"])  # moves the moments to the parameters' device
+        except (RuntimeError, ValueError, KeyError) as e:
+            if self.started_from is None:
+                raise
+            raise ValueError(f"--from {self.started_from} does not fit this config's model: "
+                             f"{brief(e, 240)}") from e
         self.step, self.skipped = st["step"], st.get("skipped", 0)
-        self.saved_step = self.step
+        self.saved_step = None if self.started_from else self.step  # --out holds no checkpoint yet
         self.loader.load_state_dict(st["loader"])
         set_rng_state(st["rng"])  # RNG states stay CPU byte tensors: the checkpoint is loaded on CPU
         if st.get("device_rng") is not None and st["device_rng"]["type"] == self.device.type:
@@ -828,7 +843,8 @@ class Trainer:
             self.scaler.load_state_dict(st["scaler"])
         if self.task is not None:
             self.task.load_state_dict(st)
-        log.info("resumed from %s at step %d", self.ckpt_path, self.step)
+        log.info("%s at step %d", f"started from {self.started_from}" if self.started_from else
+                 f"resumed from {self.ckpt_path}", self.step)
 
     # ---- one update ----
     def train_step(self, x: torch.Tensor) -> dict:

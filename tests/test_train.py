@@ -279,6 +279,39 @@ def test_resume_keeps_the_runs_own_config_and_schedule(tmp_path, fake_mnist):
     tr.close()
 
 
+def test_from_starts_a_new_run_from_another_runs_state(tmp_path, fake_mnist, capsys):
+    """--from: a new run in a new folder continues another run's state exactly under the same config, under
+    another training config it trains on from there (Eq. 13 switched on at the source's step), a model of
+    another shape is one error line, and re-running the same command resumes --out's own checkpoint."""
+    cfg = _tiny()
+    straight = Trainer(cfg, _opts(tmp_path / "a", fake_mnist))
+    straight.run()
+    Trainer(cfg, _opts(tmp_path / "b", fake_mnist)).run(until=3)
+    src = str(tmp_path / "b" / "checkpoint.pt")
+    same = Trainer(cfg, _opts(tmp_path / "c", fake_mnist, start_from=src))
+    assert same.step == 3 and same.total == 6
+    same.run()
+    for (k, a), b in zip(straight.model.state_dict().items(), same.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    rows = [r for r in plots.read_metrics(tmp_path / "c" / "metrics.jsonl") if r["split"] == "train"]
+    assert [r["step"] for r in rows] == [4, 5, 6]  # its own log, from the source's step on
+    reg = _tiny(infer_reg_weight=1.0, infer_reg_start=3)
+    other = Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=src))
+    other.run()
+    st = load_checkpoint(tmp_path / "d" / "checkpoint.pt")
+    assert st["step"] == 6 and st["config"] == reg.to_dict()
+    assert not all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), st["model"].values()))
+    again = Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=src))  # the same command once more
+    assert again.step == 6 and again.started_from is None
+    again.close()
+    argv = ["train", "--preset", "tiny", "--batch-size", "8", "--channels", "4", "--data-dir", fake_mnist,
+            "--out", str(tmp_path / "e"), "--from", src, "--val-size", "40", "--device", "cpu", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--from {src} does not fit this config's model" in err, err
+    assert not (tmp_path / "e" / "checkpoint.pt").exists()
+
+
 def test_unknown_config_override_is_a_value_error():
     with pytest.raises(ValueError, match="bogus"):
         matnet.MatNetConfig.preset("tiny", bogus=1)
