@@ -489,6 +489,8 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     dataset = o.dataset or cfg.dataset
     data = _model_data(dataset, o.split, a, cfg, model.dist.binary)
     n = min(o.n_images or len(data), len(data))
+    if o.kmeans > n:
+        raise ValueError(f"--kmeans {o.kmeans} needs at least as many images, got {n} (--n-images, or the split)")
     x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))
     labels = data.labels[:n] if dataset != "folder" else None  # image folders carry no labels
     n_classes = None if labels is None else int(data.labels.max()) + 1  # the whole split's, not the subset's

@@ -69,16 +69,19 @@ def load_inpaint_model(path: str | os.PathLike, device: str | torch.device = "cp
     return model.to(device).eval(), {"mask": state.get("mask"), "step": state.get("step")}
 
 
-def resolve(opts_task: str | None, opts_mask: str | None, resume: dict | None, out: Path) -> tuple[str, str | None]:
-    """(task, mask spec) of a run: the ones given, else a resumed run's own, else density. A resumed run keeps
-    its task and masks: asking for others is an error, not a silent switch."""
+def resolve(opts_task: str | None, opts_mask: str | None, resume: dict | None, out: Path,
+            started_from: Path | None = None) -> tuple[str, str | None]:
+    """(task, mask spec) of a run: the ones given, else a resumed run's own (or --from's), else density. A run
+    keeps its task and masks: asking for others is an error, not a silent switch."""
     saved_task = checkpoint_task(resume) if resume is not None else None
     saved_mask = resume.get("mask") if resume is not None else None
-    again = f"use another --out than {out}, or --no-resume to start over"
+    run = f"--from {started_from}" if started_from else f"the run in {out}"
+    again = ("start from a checkpoint of that task" if started_from else
+             f"use another --out than {out}, or --no-resume to start over")
     if opts_task is not None and saved_task is not None and opts_task != saved_task:
-        raise ValueError(f"--task {opts_task}: the run in {out} was trained with --task {saved_task}; {again}")
+        raise ValueError(f"--task {opts_task}: {run} was trained with --task {saved_task}; {again}")
     if opts_mask is not None and saved_mask is not None and parse_mask_spec(opts_mask) != parse_mask_spec(saved_mask):
-        raise ValueError(f"--mask {opts_mask}: the run in {out} trains with --mask {saved_mask}; {again}")
+        raise ValueError(f"--mask {opts_mask}: {run} trains with --mask {saved_mask}; {again}")
     task = opts_task or saved_task or "density"
     mask = opts_mask or saved_mask
     if task == "density" and mask is not None:

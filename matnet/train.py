@@ -155,10 +155,12 @@ class TrainOptions:
     skip_window: int = _opt(200, "window of steps for --max-skip-fraction, >= 1")
     max_skip_fraction: float = _opt(0.5, "stop (exit 3) when more than this fraction of a full window is skipped")
     resume: bool = _opt(True, "resume from the checkpoint in --out")
-    start_from: str | None = _opt(None, "where --out holds no checkpoint: start from this one's weights, EMA, "
-                                        "optimizer, step, data order and RNG, under this command's config and "
-                                        "options (the model's shape must match; lr, schedules, infer_reg_*, "
-                                        "... may differ); a new run, logged in --out", flag="--from")
+    start_from: str | None = _opt(None, "where --out holds no checkpoint: start a new run from this one's weights, "
+                                        "EMA, Adam moments, step, data order and RNG, under this command's config "
+                                        "and options (the model's parameters, the optimizer's groups, batch size "
+                                        "and training split must match; lr, Adam settings, schedules, "
+                                        "infer_reg_*, ... may differ; --steps: the command's, or the config's)",
+                                  flag="--from")
     ops: str = _opt("auto", "fast: the fused ops (FastMatNet); reference: plain torch ops; auto: fast wherever "
                            "they are faster, which is on CUDA (Triton/CUDA kernels) and on CPU too (C++ "
                            "likelihood and KL kernels; see README for measured ratios)", choices=OPS,
@@ -585,7 +587,11 @@ class Trainer:
         self.ckpt_path = self.out / "checkpoint.pt"
         resume = load_checkpoint(self.ckpt_path) if opts.resume and self.ckpt_path.exists() else None
         self.started_from = None if resume is not None or not opts.start_from else Path(opts.start_from)
-        if self.started_from is not None:  # another run's state under this config: load_state checks the shapes
+        if resume is not None and opts.start_from and self.is_main:
+            log.warning("%s holds a checkpoint: resuming it (--from only starts a run)", self.out)
+        if self.started_from is not None:  # another run's state under this config: load_state checks the fit
+            if self.started_from.resolve() == self.ckpt_path.resolve():
+                raise ValueError(f"--from {self.started_from} is --out's own checkpoint; give a new --out")
             resume = {**load_checkpoint(self.started_from), "config": cfg.to_dict()}
         elif resume is not None:  # a run resumes with its own config: asking for another is an error, not a switch
             with config_errors_name(self.ckpt_path):
@@ -599,11 +605,13 @@ class Trainer:
             cfg = saved
             check_run_options(opts, resume, self.ckpt_path)
         self.cfg = cfg
-        task, mask = resolve(opts.task, opts.mask, resume, self.out)
+        task, mask = resolve(opts.task, opts.mask, resume, self.out, self.started_from)
         self.task = InpaintTask(mask, cfg.image_size, opts.seed) if task == "inpaint" else None  # None: density
         # an explicit --steps may lengthen a resumed run (or end it earlier, not below the step reached);
         # otherwise its own schedule holds
-        self.total = opts.steps or (resume or {}).get("total_steps") or cfg.steps
+        # (with --from, the command's: the source's own may be spent)
+        own_total = None if self.started_from else (resume or {}).get("total_steps")
+        self.total = opts.steps or own_total or cfg.steps
         torch.manual_seed(opts.seed)
         kw = dict(val_size=opts.val_size, image_size=cfg.image_size, binarize=cfg.binarize)  # fixed: one seed, always
         self.train_data = load_dataset(cfg.dataset, "train", opts.data_dir, **kw)
@@ -665,8 +673,14 @@ class Trainer:
                         opts.eval_every)
         if resume is not None:
             self.load_state(resume)
+            if self.started_from is not None and self.step >= self.total:
+                raise ValueError(f"--from {self.started_from} is at step {self.step}, not before this run's last step "
+                                 f"{self.total}: give a larger --steps")
             if self.step > self.total:
                 raise ValueError(f"the run in {self.out} is already at step {self.step}, past --steps {self.total}")
+            if self.started_from is not None and 0 < cfg.prior_refit_step <= self.step and self.is_main:
+                log.warning("prior_refit_step=%d is not after --from's step %d: this run makes no refit",
+                            cfg.prior_refit_step, self.step)
         if self.is_main:
             self._trim_metrics()
             atomic_write_text(self.out / "config.json", self.cfg.to_json())
@@ -823,19 +837,25 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def load_state(self, st: dict) -> None:
+        # with --from, the command's config sets every optimizer setting (eps, betas, ...): the state brings moments
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         try:
             self.model.load_state_dict(st["model"])
             if self.ema is not None:
                 self.ema.load_state_dict(st["ema"] if st.get("ema") is not None else st["model"])
             self.opt.load_state_dict(st["optimizer"])  # moves the moments to the parameters' device
+            self.loader.load_state_dict(st["loader"])
         except (RuntimeError, ValueError, KeyError) as e:
             if self.started_from is None:
                 raise
-            raise ValueError(f"--from {self.started_from} does not fit this config's model: "
-                             f"{brief(e, 240)}") from e
+            raise ValueError(f"--from {self.started_from} does not fit this run (the model's parameters, the "
+                             f"optimizer's groups, the batch size and training split must match): {brief(e, 200)}"
+                             ) from e
+        if self.started_from is not None:
+            for group, own in zip(self.opt.param_groups, settings):
+                group.update(own)
         self.step, self.skipped = st["step"], st.get("skipped", 0)
         self.saved_step = None if self.started_from else self.step  # --out holds no checkpoint yet
-        self.loader.load_state_dict(st["loader"])
         set_rng_state(st["rng"])  # RNG states stay CPU byte tensors: the checkpoint is loaded on CPU
         if st.get("device_rng") is not None and st["device_rng"]["type"] == self.device.type:
             device_rng(self.device)[1](st["device_rng"]["state"])

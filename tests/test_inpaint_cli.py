@@ -2,6 +2,7 @@
 and the cluster command, on tiny models and a small MNIST-format dataset."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -100,6 +101,23 @@ def test_eval_reports_the_imputation_nll(inpaint_ckpt, fake_mnist, tmp_path):
     assert res["precision"] == "fp32" and low["precision"] == "bf16"
     for key in ("imputation_elbo", "imputation_iwae"):
         assert 0 < abs(low[key] - res[key]) <= 0.05, (key, low, res)
+
+
+def test_imputation_bits_per_dim_count_each_bounds_own_missing_pixels(fake_mnist, tmp_path):
+    """A logistic-likelihood model's imputation bounds in bits per missing dimension: the ELBO over its images'
+    missing pixels, the IWAE over its own (fewer) images' ones, which differ for random occluders."""
+    ck = _train(fake_mnist, tmp_path / "run", "--task", "inpaint", "--mask", "occluders:3x12",
+                "--set", 'likelihood="logistic"')
+    out = tmp_path / "e.json"
+    assert cli.main(["eval", ck, "--data-dir", fake_mnist, "--k", "2", "--n-images", "8", "--iwae-images", "3",
+                     "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    masks = fixed_masks("occluders:3x12", 8, 28, 28, seed=0)
+    elbo_px, iwae_px = masks.sum().item() / 8, masks[:3].sum().item() / 3
+    assert elbo_px != iwae_px  # else this test could not tell them apart
+    assert res["missing_pixels_per_image"] == elbo_px and res["iwae_missing_pixels_per_image"] == iwae_px
+    assert res["imputation_elbo_bits_per_dim"] == pytest.approx(res["imputation_elbo"] / (elbo_px * math.log(2)))
+    assert res["imputation_iwae_bits_per_dim"] == pytest.approx(res["imputation_iwae"] / (iwae_px * math.log(2)))
 
 
 def test_image_i_gets_mask_i_whatever_the_batch_size(inpaint_ckpt, fake_mnist, monkeypatch):
@@ -218,6 +236,8 @@ def test_cluster_needs_a_mixture_prior(density_ckpt, fake_mnist, capsys):
     _one_error_line(capsys, "no mixture prior", "--kmeans K")
     assert cli.main(["cluster", density_ckpt, "--data-dir", fake_mnist, "--kmeans", "-1"]) == 2
     _one_error_line(capsys, "--kmeans must be >= 0")
+    assert cli.main(["cluster", density_ckpt, "--data-dir", fake_mnist, "--kmeans", "3", "--n-images", "2"]) == 2
+    _one_error_line(capsys, "--kmeans 3 needs at least as many images, got 2")
 
 
 def test_cluster_kmeans_of_the_posterior_means(density_ckpt, fake_mnist, tmp_path, capsys):

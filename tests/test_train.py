@@ -304,11 +304,26 @@ def test_from_starts_a_new_run_from_another_runs_state(tmp_path, fake_mnist, cap
     again = Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=src))  # the same command once more
     assert again.step == 6 and again.started_from is None
     again.close()
+    # the command's Adam settings and length, not the source's (its 6 steps would leave nothing to do)
+    adam = _tiny(adam_eps=1e-3, adam_betas=(0.9, 0.5))
+    tr = Trainer(adam, _opts(tmp_path / "f", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt"),
+                             steps=None))
+    assert tr.step == 6 and tr.total == adam.steps > 6
+    assert [(g["eps"], g["betas"][1]) for g in tr.opt.param_groups] == [(1e-3, 0.5)] * len(tr.opt.param_groups)
+    assert tr.opt.state  # the moments came along
+    tr.close()
+    with pytest.raises(ValueError, match="is at step 6, not before this run's last step 6: give a larger --steps"):
+        Trainer(cfg, _opts(tmp_path / "g", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt")))
+    with pytest.raises(ValueError, match="--out's own checkpoint; give a new --out"):
+        Trainer(cfg, _opts(tmp_path / "d", fake_mnist, start_from=str(tmp_path / "d" / "checkpoint.pt"),
+                           resume=False))
+    with pytest.raises(ValueError, match=r"does not fit this run .*batch_size"):
+        Trainer(cfg.replace(batch_size=4), _opts(tmp_path / "h", fake_mnist, start_from=src))
     argv = ["train", "--preset", "tiny", "--batch-size", "8", "--channels", "4", "--data-dir", fake_mnist,
             "--out", str(tmp_path / "e"), "--from", src, "--val-size", "40", "--device", "cpu", "--no-progress"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--from {src} does not fit this config's model" in err, err
+    assert err.count("\n") == 1 and f"--from {src} does not fit this run" in err, err
     assert not (tmp_path / "e" / "checkpoint.pt").exists()
 
 
