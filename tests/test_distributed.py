@@ -7,7 +7,9 @@ Every launch has a timeout, so a deadlock fails its test instead of hanging the 
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -93,6 +95,20 @@ def _finish(proc):
 
 def _run2(args, env=None):
     return _finish(_launch(args, env))
+
+
+def _run_nodes(args_per_node):
+    """Two torchrun agents of one process each, meeting as two nodes at a c10d rendezvous on this machine (the
+    README's multi-node command): [(exit code, stdout, stderr)] of each. Which node gets rank 0 is the
+    rendezvous's choice."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=nodes{port}", "-m", "matnet"]
+    procs = [subprocess.Popen([*launcher, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in args_per_node]
+    return [_finish(p) for p in procs]
 
 
 def _wait_for(proc, ready):
@@ -214,6 +230,66 @@ def test_two_processes_give_the_parameters_of_one(tmp_path, fake_mnist, two_proc
     assert not torch.distributed.is_initialized()  # one process never joins a process group
     rows = _rows(two_process_run)
     assert [r["step"] for r in rows] == [1, 2, 3, 3] and rows[-1]["split"] == "val"  # rank 0 alone logs
+
+
+def test_two_nodes_give_the_run_of_two_processes_on_one(tmp_path, fake_mnist, two_process_run):
+    """The multi-node launch (two torchrun agents at a c10d rendezvous, one process each, --out shared) runs the
+    command of `two_process_run` bit for bit: same weights, optimizer state and logged values."""
+    out = tmp_path / "nodes"
+    args = _train_args(fake_mnist, out, "--steps", "3", "--grad-accum", "2", "--val-size", "101",
+                       "--lr", str(SMOOTH_ADAM["lr"]), "--set", f"adam_eps={SMOOTH_ADAM['adam_eps']}",
+                       "--eval-every", "3", "--eval-images", "101", "--iwae-k", "4", "--iwae-images", "5")
+    for rc, _, err in _run_nodes([args, args]):
+        assert rc == 0, err[-3000:]
+    got, want = (load_checkpoint(d / "checkpoint.pt") for d in (out, two_process_run))
+    assert got["step"] == want["step"] == 3
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    for k, v in want["optimizer"]["state"].items():
+        assert all(torch.equal(x, got["optimizer"]["state"][k][n]) for n, x in v.items()), k
+    timing = ("time", "images_per_s", "peak_mem_mb")
+    assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(out)] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in _rows(two_process_run)]
+
+
+def test_nodes_that_do_not_share_out_refuse_to_resume(tmp_path, fake_mnist):
+    """Each node with its own --out: a fresh run trains (rank 0's folder gets the checkpoint), but resuming finds a
+    checkpoint on one node only. Every rank stops with one line that says what to fix, and the checkpoint is kept
+    as it was."""
+    outs = [tmp_path / "node_a", tmp_path / "node_b"]
+    for rc, _, err in _run_nodes([_train_args(fake_mnist, o, "--steps", "2") for o in outs]):
+        assert rc == 0, err[-3000:]
+    ck = [o / "checkpoint.pt" for o in outs if (o / "checkpoint.pt").exists()]
+    assert len(ck) == 1
+    before = ck[0].read_bytes()
+    ran = _run_nodes([_train_args(fake_mnist, o, "--steps", "4") for o in outs])
+    assert all(rc != 0 for rc, _, _ in ran)
+    assert [m for _, _, err in ran for m in _messages(err)] == [
+        "matnet train: error: the 2 processes disagree on the starting state (a resumed run needs --out on a file "
+        "system that every node shares)"]
+    assert ck[0].read_bytes() == before
+
+
+def test_from_on_two_processes_continues_like_a_resume(tmp_path, fake_mnist, two_process_run):
+    """`--from` a 2-process run's checkpoint, under the same command on 2 processes, continues bit for bit as
+    resuming that run does (each rank loads the source; weights, Adam moments, data order and RNG carry over)."""
+    resumed, started = tmp_path / "resumed", tmp_path / "started"
+    shutil.copytree(two_process_run, resumed)
+    args = ["--steps", "5", "--grad-accum", "2", "--val-size", "101", "--lr", str(SMOOTH_ADAM["lr"]),
+            "--set", f"adam_eps={SMOOTH_ADAM['adam_eps']}", "--eval-every", "3", "--eval-images", "101",
+            "--iwae-k", "4", "--iwae-images", "5"]
+    for argv in (_train_args(fake_mnist, resumed, *args),
+                 _train_args(fake_mnist, started, *args, "--from", str(two_process_run / "checkpoint.pt"))):
+        rc, _, err = _run2(argv)
+        assert rc == 0, err[-3000:]
+    got, want = (load_checkpoint(d / "checkpoint.pt") for d in (started, resumed))
+    assert got["step"] == want["step"] == 5
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    for k, v in want["optimizer"]["state"].items():
+        assert all(torch.equal(x, got["optimizer"]["state"][k][n]) for n, x in v.items()), k
+    losses = [[r["loss"] for r in _rows(d) if r["split"] == "train" and r["step"] > 3] for d in (started, resumed)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
 def test_inpainting_in_fp16_on_two_processes_matches_one(tmp_path, fake_mnist):
