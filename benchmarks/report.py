@@ -82,11 +82,17 @@ def fmt_pct(value: float | None) -> str:
 
 
 def load(*paths: str) -> dict[str, Any]:
-    """One results file, or several as one: their benchmarks in order, the first file's machine and commit."""
-    datas = []
+    """One results file, or several as one: their benchmarks in order, the first file's machine and commit. A case
+    in two files is refused (the later would silently replace the earlier in the tables)."""
+    datas, seen = [], {}
     for path in paths:
         with open(path) as f:
             datas.append(json.load(f))
+        for b in datas[-1].get("benchmarks", []):
+            name = b.get("fullname") or b.get("name", "?")
+            if name in seen:
+                raise SystemExit(f"report.py: {name} is in both {seen[name]} and {path}: give each case once")
+            seen[name] = path
     return {**datas[0], "benchmarks": [b for d in datas for b in d.get("benchmarks", [])]}
 
 

@@ -24,4 +24,5 @@ mkdir -p build
 .venv/bin/python benchmarks/kernel_report.py --arch sm_90 --json build/kernel_report_sm90.json --markdown \
   > build/kernel_report_sm90.md
 # the GPU check's CPU dry run, so that scripts/gpu_check.sh cannot rot
-PYTHON=.venv/bin/python bash scripts/gpu_check.sh build/gpu_check_dry_run --dry-run
+PYTHON=.venv/bin/python bash scripts/gpu_check.sh build/gpu_check_dry_run --dry-run --tar build/gpu_check_dry_run.tar.gz
+tar xzOf build/gpu_check_dry_run.tar.gz gpu_check_dry_run/environment.txt > /dev/null  # --tar packed the reports
