@@ -408,9 +408,10 @@ def _wgrad_blocks(N: int, C: int, taps: int, dtype: torch.dtype, block_sizes,
     [64, 256] accumulator and a gathered [32, 256] bf16 tile read by cp.async take 128-149 registers. A
     source that is not 16-aligned (`vector` False: channel count, strides or base address) is gathered
     element by element, and with 32-pixel blocks its address registers spill, so it gets 16-pixel blocks.
-    fp32 always uses 16-pixel blocks; larger blocks spill (benchmarks/kernel_report.py)."""
-    if block_sizes is not None:
-        bp, bn, bc = _pinned(block_sizes)[0]
+    fp32 always uses 16-pixel blocks; larger blocks spill (benchmarks/kernel_report.py). A forward Config pins
+    the forward alone: its blocks would spill here (fp32 128 x 64 x 32: 41 KB on sm_90)."""
+    if block_sizes is not None and not isinstance(block_sizes, triton.Config):
+        bp, bn, bc = block_sizes
     else:
         bp = 256 if interpreting() else 32 if dtype != torch.float32 and vector else 16
         bn = max(min(max(triton.next_power_of_2(N), 16), 64), 16 if interpreting() else 64)  # wgmma: M >= 64

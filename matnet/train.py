@@ -877,13 +877,12 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         inputs = self.inputs(x)
         outs = self.accumulate_grads(inputs, kl_w)
-        loss = sum(out.loss.item() for out in outs) / len(outs)  # equal parts: the mean of means
         reg = self.inference_regularizer_grads(cfg.batch_size)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         self._poison_grads_for_tests()
         gnorm = clip_gradients(self.opt, cfg)  # L2 term, per-group clip; the global norm before clipping
-        stats = self._step_stats(outs, loss, gnorm, reg)  # several ranks: global-batch means, the same everywhere
+        stats = self._step_stats(outs, gnorm, reg)  # several ranks: global-batch means, the same everywhere
         loss, gnorm, reg = stats["loss"], stats["grad_norm"], stats.pop("infer_reg", None)
         skip = (not math.isfinite(gnorm) or not math.isfinite(loss) or (reg is not None and not math.isfinite(reg))
                 or (cfg.skip_threshold > 0 and gnorm > cfg.skip_threshold))
@@ -897,9 +896,9 @@ class Trainer:
             else:
                 self.opt.step()
             if self.ema is not None:
-                with torch.no_grad():
-                    for pe, p in zip(self.ema.parameters(), self.model.parameters()):
-                        pe.lerp_(p, 1.0 - cfg.ema_rate)
+                with torch.no_grad():  # one foreach kernel per dtype, not one launch per parameter
+                    torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()),
+                                         1.0 - cfg.ema_rate)
         if self.scaler is not None:
             self.scaler.update()  # an fp16 overflow lowers the scale (and counts as a skip above)
         self.step += 1
@@ -912,18 +911,20 @@ class Trainer:
             **({"infer_reg": reg} if reg is not None else {}),
         }
 
-    def _step_stats(self, outs: list, loss: float, gnorm: float, reg: float | None) -> dict:
-        """The step's metrics. With several ranks, each holding an equal share of the global batch, they are the
-        means of the ranks' values: every rank takes the same skip decision (a non-finite loss or gradient norm on
-        any rank is non-finite in the mean) and rank 0 logs what one process would."""
-        kl = torch.cat([out.kl.detach().float() for out in outs])
-        st = {"loss": loss,
-              "nll_bound": torch.cat([out.nll_bound.detach().float() for out in outs]).mean().item(),
-              "recon": torch.cat([out.recon_nll.detach().float() for out in outs]).mean().item(),
-              "kl": kl.sum(1).mean().item(),
-              "kl_per_module": kl.mean(0).tolist(),
-              "grad_norm": gnorm,
-              **({"infer_reg": reg} if reg is not None else {})}
+    def _step_stats(self, outs: list, gnorm: float, reg: float | None) -> dict:
+        """The step's metrics (the loss: the mean of the micro-batches' equal parts), read from the device in one
+        transfer. With several ranks, each holding an equal share of the global batch, they are the means of the
+        ranks' values: every rank takes the same skip decision (a non-finite loss or gradient norm on any rank is
+        non-finite in the mean) and rank 0 logs what one process would."""
+        def values(name: str) -> torch.Tensor:
+            return torch.cat([getattr(out, name).detach().double().reshape(len(out.kl), -1) for out in outs])
+
+        kl = values("kl")
+        loss, nll, recon, total_kl, *per_module = torch.cat([
+            torch.stack([torch.stack([out.loss.detach().double() for out in outs]).mean(), values("nll_bound").mean(),
+                         values("recon_nll").mean(), kl.sum(1).mean()]), kl.mean(0)]).tolist()
+        st = {"loss": loss, "nll_bound": nll, "recon": recon, "kl": total_kl, "kl_per_module": per_module,
+              "grad_norm": gnorm, **({"infer_reg": reg} if reg is not None else {})}
         if not self.sharded:
             return st
         keys = [k for k in st if k != "kl_per_module"]
