@@ -3,7 +3,9 @@
 - device / dtype parameters: fp32 on CPU; fp32 and bf16 on CUDA (skipped cleanly without CUDA);
 - quick mode: with `--benchmark-disable` (each benchmark runs once, as in the test command) or with
   MATNET_BENCH_QUICK=1, batch sizes shrink so that every benchmark finishes in about a second;
-- timing: CUDA work is synchronized inside the timed function, warm-up calls run outside it;
+- timing: CUDA work is synchronized inside the timed function, warm-up calls run outside it; the ops'
+  benchmarks add on CUDA the kernels' own time from CUDA events (`kernel_time`), which the bandwidth and
+  FLOP rates of benchmarks/report.py use;
 - `record`: the `extra_info` every benchmark stores for `benchmarks/report.py` (bytes, FLOPs,
   images per call, device name, dtype, ...).
 
@@ -126,21 +128,48 @@ def synchronized(fn: Callable[[], Any], dev: torch.device) -> Callable[[], Any]:
     return run
 
 
+def kernel_time(fn: Callable[[], Any], dev: torch.device, reps: int = 20) -> float:
+    """The median GPU time of fn in seconds, from CUDA events, without the host's launch overhead: before each
+    call the stream is kept busy (an L2 flush, then a ~1 ms sleep kernel) while fn's kernels are enqueued
+    behind it, so the events time the kernels back to back. fn must not synchronize."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=dev)  # larger than any L2: inputs come from HBM
+    events = []
+    for _ in range(reps):
+        flush.zero_()
+        torch.cuda._sleep(2_000_000)  # GPU clock cycles: ~1 ms at 2 GHz
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(dev)
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    return times[len(times) // 2] / 1e3
+
+
 def run_benchmark(benchmark, fn: Callable[[], Any], dev: torch.device, warmup: int | None = None,
-                  rounds: int | None = None) -> Any:
+                  rounds: int | None = None, kernels: bool = False) -> Any:
     """Warm up outside the timed region (skipped when the benchmark is disabled: it runs once anyway),
     then measure. rounds=None: pytest-benchmark's calibrated rounds (--benchmark-min-rounds,
-    --benchmark-max-time); an int: exactly that many rounds of one call (for the slow model steps)."""
-    fn = synchronized(fn, dev)
+    --benchmark-max-time); an int: exactly that many rounds of one call (for the slow model steps).
+    kernels (CUDA): also the kernels' own time (`kernel_time`) as extra_info["kernel_s"]."""
+    timed = synchronized(fn, dev)
     if warmup is None:
         warmup = WARMUP_CALLS[dev.type]
     if benchmark.disabled:
-        return benchmark(fn)
+        return benchmark(timed)
     for _ in range(warmup):
-        fn()
+        timed()
     if rounds is None:
-        return benchmark(fn)
-    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+        result = benchmark(timed)
+    else:
+        result = benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    if kernels and dev.type == "cuda":
+        try:
+            benchmark.extra_info["kernel_s"] = kernel_time(fn, dev)
+        except Exception as e:  # never lose the measurement above to this extra one (report.py shows it)
+            benchmark.extra_info["kernel_error"] = f"{type(e).__name__}: {e}"
+    return result
 
 
 def group_name(op: str, case: str, mode: str, device: str, dtype: str) -> str:

@@ -115,19 +115,18 @@ def collect(data: dict[str, Any], stat: str) -> dict[tuple[str, str], dict[str, 
 def rows_for(groups: dict[str, dict[str, Any]], peak, device: str) -> tuple[list[str], list[list[str]], set[str]]:
     notes: set[str] = set()
     flop_unit, flop_scale = ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
-    header = ["benchmark", "reference", "fast", "compiled", "ref/fast", "compiled/fast",
-              "img/s ref", "img/s fast", "GB/s fast", f"{flop_unit} fast"]
-    if peak:
-        header[9:9] = ["% peak BW"]
-        header.append("% peak FLOP")
-    header.append("notes")
+    kernels = any("kernel_s" in v["info"] for impls in groups.values() for v in impls.values())
+    header = ["benchmark", "reference", "fast", *(["fast kernels"] if kernels else []), "compiled", "ref/fast",
+              "compiled/fast", "img/s ref", "img/s fast", "GB/s fast", *(["% peak BW"] if peak else []),
+              f"{flop_unit} fast", *(["% peak FLOP"] if peak else []), "notes"]
     rows = []
     for group, impls in groups.items():
         t = {name: impls[name]["time"] if name in impls else None for name in IMPL_ORDER}
         # rates of the fast implementation (else of whichever ran)
         main = "fast" if "fast" in impls else next(iter(impls))
         info = impls[main]["info"]
-        tm = impls[main]["time"]
+        tk = info.get("kernel_s")  # the kernels' own time (CUDA events): what the rates use where measured
+        tm = tk or impls[main]["time"]
         ratio = t["reference"] / t["fast"] if t["reference"] and t["fast"] else None
         vs_compiled = t["compiled"] / t["fast"] if t["compiled"] and t["fast"] else None
 
@@ -155,17 +154,25 @@ def rows_for(groups: dict[str, dict[str, Any]], peak, device: str) -> tuple[list
                 vs = [f"ref/{extra} {fmt_ratio(t['reference'] / te)}" if t["reference"] else None,
                       f"compiled/{extra} {fmt_ratio(t['compiled'] / te)}" if t["compiled"] else None]
                 note.append(", ".join(v for v in vs if v))
+        if info.get("kernel_error"):
+            note.append(f"kernel time failed: {info['kernel_error'][:80]}")
+        rk = impls.get("reference", {}).get("info", {}).get("kernel_s")
+        if rk and tk and main == "fast":
+            note.append(f"kernels: ref/fast {fmt_ratio(rk / tk)}")
         if "compiled" in impls and impls["compiled"]["info"].get("compile_s") is not None:
             note.append(f"compile {impls['compiled']['info']['compile_s']:.0f} s")
-        row = [group, fmt_time(t["reference"]), fmt_time(t["fast"]), fmt_time(t["compiled"]), fmt_ratio(ratio),
-               fmt_ratio(vs_compiled), fmt_num(per_s("reference")), fmt_num(per_s("fast")), fmt_num(gbs),
-               fmt_num(flop_rate)]
+        cells = {"benchmark": group, "reference": fmt_time(t["reference"]), "fast": fmt_time(t["fast"]),
+                 "fast kernels": fmt_time(tk), "compiled": fmt_time(t["compiled"]), "ref/fast": fmt_ratio(ratio),
+                 "compiled/fast": fmt_ratio(vs_compiled), "img/s ref": fmt_num(per_s("reference")),
+                 "img/s fast": fmt_num(per_s("fast")), "GB/s fast": fmt_num(gbs),
+                 f"{flop_unit} fast": fmt_num(flop_rate), "notes": ", ".join(note)}
         if peak:
             _, bandwidth, flop_peaks = peak
-            row[9:9] = [fmt_pct(gbs / bandwidth if gbs is not None else None)]
             fpk = flop_peaks.get(flop_precision(info))
-            row.append(fmt_pct(flop_rate * flop_scale / 1e12 / fpk if flop_rate is not None and fpk else None))
-        row.append(", ".join(note))
+            cells["% peak BW"] = fmt_pct(gbs / bandwidth if gbs is not None else None)
+            cells["% peak FLOP"] = fmt_pct(flop_rate * flop_scale / 1e12 / fpk if flop_rate is not None and fpk
+                                           else None)
+        row = [cells[h] for h in header]
         rows.append(row)
     return header, rows, notes
 
@@ -233,7 +240,8 @@ def report(data: dict[str, Any], markdown: bool = False, stat: str = "median") -
     legend = ["ref/fast: speed-up of the fast implementation over the reference (> 1: faster);"
               " compiled/fast: over torch.compile of the reference (op or MatNet).",
               "img/s: images per second (IWAE: images x samples); GB/s and FLOP/s: analytic bytes and FLOPs"
-              " per call (benchmarks/benchutil.py) over the fast time.",
+              " per call (benchmarks/benchutil.py) over the fast time: its kernels' own time where measured"
+              " ('fast kernels': CUDA events, launch overhead hidden), else the time per call.",
               "% peak FLOP: against bf16 / tf32 tensor-core peaks for convolution ops and model steps"
               " (tf32 where torch allows it for fp32), against the fp32 peak for elementwise ops."]
     if "fast=reference" in all_notes:

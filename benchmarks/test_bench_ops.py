@@ -98,7 +98,7 @@ def bench_op(benchmark, *, op: str, impl: str, mode: str, case: Case, dev: torch
         info["compile_s"] = round(time.perf_counter() - t0, 2)
     record(benchmark, op=op, case=case, impl=impl, mode=mode, dev=dev, dtype=dtype, batch=batch, images=batch,
            bytes_moved=bytes_moved, flops=flops, quick=quick, fn=qualname(fn), **info)
-    run_benchmark(benchmark, call, dev)
+    run_benchmark(benchmark, call, dev, kernels=True)
 
 
 def _randn(*shape, dev, dt, scale=1.0, shift=0.0):
