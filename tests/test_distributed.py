@@ -133,14 +133,19 @@ def _worker_codes(err):
     return set(re.findall(r"exitcode\s*:\s*(-?\d+)", err))
 
 
-def _assert_same_run(a, b):
-    """Bit-identical weights, optimizer state and logged losses."""
+def _assert_same_state(a, b, step):
+    """The checkpoints of run folders a and b are at `step` and hold bit-identical weights and optimizer state."""
     sa, sb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
-    assert sa["step"] == sb["step"] == STEPS
+    assert sa["step"] == sb["step"] == step
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k]), k
     for k, v in sa["optimizer"]["state"].items():
         assert all(torch.equal(x, sb["optimizer"]["state"][k][n]) for n, x in v.items()), k
+
+
+def _assert_same_run(a, b):
+    """Bit-identical weights, optimizer state and logged losses."""
+    _assert_same_state(a, b, STEPS)
     losses = [[r["loss"] for r in _rows(d) if r["split"] == "train"] for d in (a, b)]
     assert losses[0] == losses[1] and len(losses[0]) == STEPS
 
@@ -241,12 +246,7 @@ def test_two_nodes_give_the_run_of_two_processes_on_one(tmp_path, fake_mnist, tw
                        "--eval-every", "3", "--eval-images", "101", "--iwae-k", "4", "--iwae-images", "5")
     for rc, _, err in _run_nodes([args, args]):
         assert rc == 0, err[-3000:]
-    got, want = (load_checkpoint(d / "checkpoint.pt") for d in (out, two_process_run))
-    assert got["step"] == want["step"] == 3
-    for k, v in want["model"].items():
-        assert torch.equal(got["model"][k], v), k
-    for k, v in want["optimizer"]["state"].items():
-        assert all(torch.equal(x, got["optimizer"]["state"][k][n]) for n, x in v.items()), k
+    _assert_same_state(out, two_process_run, 3)
     timing = ("time", "images_per_s", "peak_mem_mb")
     assert [{k: v for k, v in r.items() if k not in timing} for r in _rows(out)] == \
         [{k: v for k, v in r.items() if k not in timing} for r in _rows(two_process_run)]
@@ -282,12 +282,7 @@ def test_from_on_two_processes_continues_like_a_resume(tmp_path, fake_mnist, two
                  _train_args(fake_mnist, started, *args, "--from", str(two_process_run / "checkpoint.pt"))):
         rc, _, err = _run2(argv)
         assert rc == 0, err[-3000:]
-    got, want = (load_checkpoint(d / "checkpoint.pt") for d in (started, resumed))
-    assert got["step"] == want["step"] == 5
-    for k, v in want["model"].items():
-        assert torch.equal(got["model"][k], v), k
-    for k, v in want["optimizer"]["state"].items():
-        assert all(torch.equal(x, got["optimizer"]["state"][k][n]) for n, x in v.items()), k
+    _assert_same_state(started, resumed, 5)
     losses = [[r["loss"] for r in _rows(d) if r["split"] == "train" and r["step"] > 3] for d in (started, resumed)]
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
