@@ -130,21 +130,26 @@ def synchronized(fn: Callable[[], Any], dev: torch.device) -> Callable[[], Any]:
 
 def kernel_time(fn: Callable[[], Any], dev: torch.device, reps: int = 20) -> float:
     """The median GPU time of fn in seconds, from CUDA events, without the host's launch overhead: before each
-    call the stream is kept busy (an L2 flush, then a ~1 ms sleep kernel) while fn's kernels are enqueued
-    behind it, so the events time the kernels back to back. fn must not synchronize."""
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=dev)  # larger than any L2: inputs come from HBM
-    events = []
-    for _ in range(reps):
-        flush.zero_()
-        torch.cuda._sleep(2_000_000)  # GPU clock cycles: ~1 ms at 2 GHz
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize(dev)
-    times = sorted(s.elapsed_time(e) for s, e in events)
-    return times[len(times) // 2] / 1e3
+    call the stream is kept busy (an L2 flush by a read, then a sleep kernel) while fn's kernels are enqueued
+    behind it, so the events time the kernels back to back. A sleep that ran out before fn was enqueued (the
+    start event already passed) is doubled and the measurement repeated. fn must not synchronize."""
+    flush = torch.ones(64 * 2**20, device=dev)  # 256 MB, larger than any L2: inputs come from HBM
+    for cycles in (2_000_000, 8_000_000, 32_000_000):  # ~1, 4, 16 ms at 2 GHz
+        events, late = [], False
+        for _ in range(reps):
+            flush.sum()
+            torch.cuda._sleep(cycles)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            late |= start.query()  # the GPU reached fn's start before all of fn was enqueued
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(dev)
+        if not late:
+            times = sorted(s.elapsed_time(e) for s, e in events)
+            return times[len(times) // 2] / 1e3
+    raise RuntimeError("fn takes the host longer to enqueue than a 16 ms sleep: its kernels cannot be timed alone")
 
 
 def run_benchmark(benchmark, fn: Callable[[], Any], dev: torch.device, warmup: int | None = None,

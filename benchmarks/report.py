@@ -88,12 +88,19 @@ def load(*paths: str) -> dict[str, Any]:
     for path in paths:
         with open(path) as f:
             datas.append(json.load(f))
-        for b in datas[-1].get("benchmarks", []):
-            name = b.get("fullname") or b.get("name", "?")
-            if name in seen:
-                raise SystemExit(f"report.py: {name} is in both {seen[name]} and {path}: give each case once")
-            seen[name] = path
+        for key in map(_cell, datas[-1].get("benchmarks", [])):
+            if key in seen:
+                raise SystemExit(f"report.py: {key[2]} ({key[3]}) on {key[1]} is in both {seen[key]} and {path}: "
+                                 "give each case once")
+            seen[key] = path
     return {**datas[0], "benchmarks": [b for d in datas for b in d.get("benchmarks", [])]}
+
+
+def _cell(b: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(device, device name, group, impl): where a benchmark goes in the report."""
+    info = b.get("extra_info") or {}
+    impl = (b.get("params") or {}).get("impl") or info.get("impl") or b.get("name", "?")
+    return info.get("device", "?"), info.get("device_name", "?"), b.get("group") or b.get("name", "?"), impl
 
 
 def collect(data: dict[str, Any], stat: str) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
@@ -101,14 +108,10 @@ def collect(data: dict[str, Any], stat: str) -> dict[tuple[str, str], dict[str, 
     in the order the benchmarks ran."""
     sections: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for b in data.get("benchmarks", []):
-        info = b.get("extra_info") or {}
-        params = b.get("params") or {}
-        impl = params.get("impl") or info.get("impl") or b.get("name", "?")
-        group = b.get("group") or b.get("name", "?")
-        key = (info.get("device", "?"), info.get("device_name", "?"))
+        device, name, group, impl = _cell(b)
         stats = b.get("stats") or {}
-        sections.setdefault(key, {}).setdefault(group, {})[impl] = {
-            "time": stats.get(stat), "info": info, "name": b.get("name", "")}
+        sections.setdefault((device, name), {}).setdefault(group, {})[impl] = {
+            "time": stats.get(stat), "info": b.get("extra_info") or {}, "name": b.get("name", "")}
     return sections
 
 

@@ -23,8 +23,13 @@ def test_several_files_make_one_report(tmp_path):
 
 def test_a_case_in_two_files_is_refused(tmp_path):
     a, b = _results(tmp_path / "a.json", "reference"), _results(tmp_path / "b.json", "reference", "fast")
-    with pytest.raises(SystemExit, match=r"test_bench_ops.py::reference is in both .*a.json and .*b.json"):
+    with pytest.raises(SystemExit, match=r"^report.py: g \(reference\) on cpu is in both .*a.json and .*b.json"):
         report.load(a, b)
+    other = json.loads(open(b).read())  # the same cases on another machine: a section of their own
+    for x in other["benchmarks"]:
+        x["extra_info"]["device_name"] = "another cpu"
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    assert len(report.collect(report.load(a, str(tmp_path / "c.json")), "median")) == 2
 
 
 def test_rates_on_cuda_use_the_kernels_time(tmp_path):

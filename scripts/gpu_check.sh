@@ -72,9 +72,12 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
 if [ -n "$TAR" ]; then
-  touch "$TAR" && TAR=$(cd "$(dirname "$TAR")" && pwd)/$(basename "$TAR") || exit 2
+  [ -d "$(dirname "$TAR")" ] && [ ! -d "$TAR" ] || { echo "gpu_check.sh: --tar $TAR: give a file in an existing folder" >&2
+                                                    exit 2; }
+  TAR=$(cd "$(dirname "$TAR")" && pwd)/$(basename "$TAR")
   case "$TAR" in "$OUT"/*) echo "gpu_check.sh: --tar $TAR is inside OUT_DIR $OUT; give a file outside it" >&2
                            exit 2 ;; esac
+  rm -f "$TAR"  # a failed packing must not leave an older run's file in its place
   trap 'tar czf "$TAR" -C "$(dirname "$OUT")" "$(basename "$OUT")" && log "packed $OUT into $TAR"' EXIT
 fi
 FAILED=()  # the parts that failed: reported at the end, the other parts still run

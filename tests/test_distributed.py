@@ -97,18 +97,36 @@ def _run2(args, env=None):
     return _finish(_launch(args, env))
 
 
-def _run_nodes(args_per_node):
+def _run_nodes(args_per_node, logs):
     """Two torchrun agents of one process each, meeting as two nodes at a c10d rendezvous on this machine (the
-    README's multi-node command): [(exit code, stdout, stderr)] of each. Which node gets rank 0 is the
-    rendezvous's choice."""
+    README's multi-node command): [(exit code, stdout, stderr)] of each, their output kept in folder `logs` (no
+    pipe to fill while the other agent is awaited). Which node gets rank 0 is the rendezvous's choice. An agent
+    that outlives TIMEOUT fails the test, and no agent or worker is left running."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=nodes{port}", "-m", "matnet"]
-    procs = [subprocess.Popen([*launcher, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in args_per_node]
-    return [_finish(p) for p in procs]
+    logs.mkdir(exist_ok=True)
+    files = [(logs / f"node{i}.out", logs / f"node{i}.err") for i in range(len(args_per_node))]
+    procs = []
+    try:
+        for args, (out, err) in zip(args_per_node, files):
+            with open(out, "w") as o, open(err, "w") as e:
+                procs.append(subprocess.Popen([*launcher, *args], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                              stdout=o, stderr=e, text=True))
+        deadline = time.monotonic() + TIMEOUT
+        for p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the 2-node run hung (killed after {TIMEOUT} s):\n{files[0][1].read_text()[-3000:]}")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill_all(p)
+                p.wait()
+    return [(p.returncode, out.read_text(), err.read_text()) for p, (out, err) in zip(procs, files)]
 
 
 def _wait_for(proc, ready):
@@ -244,7 +262,7 @@ def test_two_nodes_give_the_run_of_two_processes_on_one(tmp_path, fake_mnist, tw
     args = _train_args(fake_mnist, out, "--steps", "3", "--grad-accum", "2", "--val-size", "101",
                        "--lr", str(SMOOTH_ADAM["lr"]), "--set", f"adam_eps={SMOOTH_ADAM['adam_eps']}",
                        "--eval-every", "3", "--eval-images", "101", "--iwae-k", "4", "--iwae-images", "5")
-    for rc, _, err in _run_nodes([args, args]):
+    for rc, _, err in _run_nodes([args, args], tmp_path / "logs"):
         assert rc == 0, err[-3000:]
     _assert_same_state(out, two_process_run, 3)
     timing = ("time", "images_per_s", "peak_mem_mb")
@@ -257,12 +275,12 @@ def test_nodes_that_do_not_share_out_refuse_to_resume(tmp_path, fake_mnist):
     checkpoint on one node only. Every rank stops with one line that says what to fix, and the checkpoint is kept
     as it was."""
     outs = [tmp_path / "node_a", tmp_path / "node_b"]
-    for rc, _, err in _run_nodes([_train_args(fake_mnist, o, "--steps", "2") for o in outs]):
+    for rc, _, err in _run_nodes([_train_args(fake_mnist, o, "--steps", "2") for o in outs], tmp_path / "logs1"):
         assert rc == 0, err[-3000:]
     ck = [o / "checkpoint.pt" for o in outs if (o / "checkpoint.pt").exists()]
     assert len(ck) == 1
     before = ck[0].read_bytes()
-    ran = _run_nodes([_train_args(fake_mnist, o, "--steps", "4") for o in outs])
+    ran = _run_nodes([_train_args(fake_mnist, o, "--steps", "4") for o in outs], tmp_path / "logs2")
     assert all(rc != 0 for rc, _, _ in ran)
     assert [m for _, _, err in ran for m in _messages(err)] == [
         "matnet train: error: the 2 processes disagree on the starting state (a resumed run needs --out on a file "
