@@ -920,9 +920,9 @@ class Trainer:
             return torch.cat([getattr(out, name).detach().double().reshape(len(out.kl), -1) for out in outs])
 
         kl = values("kl")
-        loss, nll, recon, total_kl, *per_module = torch.cat([
-            torch.stack([torch.stack([out.loss.detach().double() for out in outs]).mean(), values("nll_bound").mean(),
-                         values("recon_nll").mean(), kl.sum(1).mean()]), kl.mean(0)]).tolist()
+        loss = torch.stack([out.loss.detach().double() for out in outs]).mean()
+        means = torch.stack([loss, values("nll_bound").mean(), values("recon_nll").mean(), kl.sum(1).mean()])
+        loss, nll, recon, total_kl, *per_module = torch.cat([means, kl.mean(0)]).tolist()
         st = {"loss": loss, "nll_bound": nll, "recon": recon, "kl": total_kl, "kl_per_module": per_module,
               "grad_norm": gnorm, **({"infer_reg": reg} if reg is not None else {})}
         if not self.sharded:
