@@ -103,6 +103,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`, after checking its digest."""
+    if not str(path).strip():
+        raise CheckpointError("the checkpoint path is empty: give a checkpoint file (e.g. runs/matnet/checkpoint.pt)")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; give the checkpoint file in it (e.g. {path / 'checkpoint.pt'})")

@@ -34,6 +34,8 @@ log = logging.getLogger("matnet.cli")
 
 # config fields with a flag of their own (any field can be set with --set KEY=JSON)
 MAX_GRID_COLUMNS = 100  # inpaint --n: one grid row holds n + 2 images; wider PNGs are refused by viewers
+MAX_SAMPLES = MAX_GRID_COLUMNS**2  # sample --n: a square grid of at most 100 x 100
+SAMPLE_CHUNK = 256  # samples drawn per generation pass (memory)
 CONFIG_FLAGS = ("dataset", "batch_size", "lr", "channels", "kl_warmup_steps", "ema_rate", "ar_layers")
 # TrainOptions fields that eval and sample take too
 COMMON = ("device", "data_dir", "seed", "threads", "ops")
@@ -93,7 +95,7 @@ class EvalOptions:
 @dataclass
 class SampleOptions:
     checkpoint: str = _f("", "checkpoint.pt to sample from", positional=True)
-    n: int = _f(64, "number of samples, >= 1")
+    n: int = _f(64, f"number of samples, 1 to {MAX_SAMPLES}")
     temperature: float = _f(1.0, "prior temperature, > 0")
     mean: bool = _f(False, "show E[x|z] instead of a draw")
     out: str = _f("samples.png", "PNG grid to write")
@@ -101,6 +103,9 @@ class SampleOptions:
     def __post_init__(self) -> None:
         check_field_types(self)
         _at_least(self, {"n": 1})
+        if self.n > MAX_SAMPLES:
+            raise ValueError(f"--n must be <= {MAX_SAMPLES} (a grid of {MAX_GRID_COLUMNS} x {MAX_GRID_COLUMNS}), "
+                             f"got {self.n}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"--temperature must be a finite number > 0, got {self.temperature}")
         _check_out(self.out, image=True)
@@ -173,6 +178,20 @@ def _check_out(path: str | None, image: bool = False) -> None:
         from .plots import image_format
 
         image_format(path)
+
+
+def _counts(o: EvalOptions, have: int) -> tuple[int, int]:
+    """(ELBO images, IWAE images) of an eval: all by default; more than there are is an error, not a silent cut."""
+    n = _image_count("--n-images", o.n_images, have, f"the {o.split} split")
+    if o.iwae_images is not None and o.iwae_images > n:
+        raise ValueError(f"--iwae-images {o.iwae_images} is more than the {n} images of the ELBO (--n-images)")
+    return n, n if o.iwae_images is None else o.iwae_images
+
+
+def _image_count(flag: str, asked: int | None, have: int, source: str) -> int:
+    if asked is not None and asked > have:
+        raise ValueError(f"{flag} {asked} is more than the {have} images of {source}")
+    return have if asked is None else asked
 
 
 def _at_least(opts: Any, lows: dict[str, int]) -> None:
@@ -273,8 +292,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     model = _in_layout(load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema), o)
     cfg = model.cfg
     data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
-    n = min(o.n_images or len(data), len(data))
-    m = n if o.iwae_images is None else min(o.iwae_images, n)
+    n, m = _counts(o, len(data))
     t = time.time()
     res = _scored(o, dev, lambda: evaluate(model, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev,
                                            progress=True, chunk=o.chunk))
@@ -363,7 +381,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
         raise ValueError(f"{o.checkpoint} is an inpainting model (p(x^u | x^k)): use matnet inpaint")
     torch.manual_seed(a.seed)
     model = load_model(o.checkpoint, pick_device(a.device), fast=a.fast)
-    x = model.sample(o.n, temperature=o.temperature, mean=o.mean)
+    x = torch.cat([model.sample(min(SAMPLE_CHUNK, o.n - i), temperature=o.temperature, mean=o.mean).cpu()
+                   for i in range(0, o.n, SAMPLE_CHUNK)])
     save_image_grid(x, o.out, signed=not model.dist.binary)
     print(f"wrote {o.n} samples to {o.out}")
     return 0
@@ -396,8 +415,7 @@ def _eval_inpaint(o: EvalOptions, a: argparse.Namespace, dev: torch.device) -> i
     cfg = model.cfg
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
     data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
-    n = min(o.n_images or len(data), len(data))
-    m = n if o.iwae_images is None else min(o.iwae_images, n)
+    n, m = _counts(o, len(data))
     t = time.time()
     r = _scored(o, dev, lambda: evaluate_inpaint(model, data, gen, n, o.k, m, batch_size=o.batch_size, seed=a.seed,
                                                  mask_seed=o.mask_seed, device=dev, progress=True, chunk=o.chunk))
@@ -460,7 +478,9 @@ def cmd_inpaint(a: argparse.Namespace) -> int:
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
     data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, o.folder)
     g = torch.Generator().manual_seed(a.seed)
-    n = min(o.images, len(data))
+    # the default takes what a small folder has; a count asked for must be there
+    asked = None if o.images == field_default("images", InpaintOptions) else o.images
+    n = min(_image_count("--images", asked, len(data), o.folder or f"the {o.split} split"), o.images)
     pick = torch.randperm(len(data), generator=g)[:n].sort().values  # --seed picks the images, masks and draws
     x = data.to_float(data.images[pick], generator=g).to(dev)
     m = fixed_masks(gen, n, cfg.image_size, cfg.image_size, seed=a.seed, device=dev)
@@ -488,7 +508,7 @@ def cmd_cluster(a: argparse.Namespace) -> int:
     cfg = model.cfg
     dataset = o.dataset or cfg.dataset
     data = _model_data(dataset, o.split, a, cfg, model.dist.binary)
-    n = min(o.n_images or len(data), len(data))
+    n = _image_count("--n-images", o.n_images, len(data), f"the {o.split} split")
     if o.kmeans > n:
         raise ValueError(f"--kmeans {o.kmeans} needs at least as many images, got {n} (--n-images, or the split)")
     x = data.to_float(data.images[:n], generator=torch.Generator().manual_seed(a.seed))

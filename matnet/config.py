@@ -45,7 +45,8 @@ def check_field_types(obj: Any) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if not _type_ok(v, hints[f.name]):
-            want = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            hint = hints[f.name]  # "tuple[float, float]", not "tuple", where the length or items are wrong
+            want = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             raise ValueError(f"{f.name} must be {want}, got {v!r} ({type(v).__name__})")
 
 
@@ -121,10 +122,9 @@ class MatNetConfig:
     infer_reg_start: int = 0  # first training step at which Eq. 13 is applied
 
     def __post_init__(self) -> None:
-        self.modules_per_scale = tuple(int(n) for n in self.modules_per_scale)
-        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
-        self.scale_channels = tuple(self.scale_channels)
-        self.lr_halve_epochs = tuple(self.lr_halve_epochs)
+        for name in ("modules_per_scale", "adam_betas", "scale_channels", "lr_halve_epochs"):  # JSON gives lists
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:

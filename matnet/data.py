@@ -91,6 +91,8 @@ def find_dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Pa
     For ``folder`` the directory itself is returned; for ``omniglot`` a path to the .mat file is accepted too.
     """
     _check_choice("dataset", name, DATASETS)
+    if data_dir is not None and not str(data_dir).strip():
+        raise DataError("the data directory given is empty: give a folder, or leave it out for $MATNET_DATA_DIR")
     base = data_dir or os.environ.get("MATNET_DATA_DIR")
     if not base:
         raise DataError(f"no data directory given for {name!r}: pass --data-dir or set MATNET_DATA_DIR")
@@ -98,7 +100,7 @@ def find_dataset_dir(name: str, data_dir: str | os.PathLike | None = None) -> Pa
     if name == "omniglot" and base.is_file():
         return base
     if not base.is_dir():
-        raise DataError(f"data directory {base} does not exist")
+        raise DataError(f"data directory {base} {'is a file, not a folder' if base.exists() else 'does not exist'}")
     if name == "folder":
         return base
     markers, subdirs = _LAYOUTS[name]

@@ -257,8 +257,8 @@ def _parse(kind: str, arg: str, bad: Callable[[str], ValueError]) -> MaskGenerat
             raise bad("drop needs a probability, e.g. drop:0.5") from None
         if not math.isfinite(p):
             raise bad("drop probability must be finite")
-        if p == 0:  # a task with nothing missing: Eq. 6 would score no pixel
-            raise bad("drop probability must be in (0, 1]: drop:0 hides no pixel")
+        if not 0 < p <= 1:  # p = 0, a task with nothing missing: Eq. 6 would score no pixel
+            raise bad(f"drop probability must be in (0, 1], got {arg}" + (": drop:0 hides no pixel" if p == 0 else ""))
         return RandomDrop(p)
     raise bad(f"unknown kind {kind!r}" if kind else "empty spec")
 

@@ -203,6 +203,8 @@ class TrainOptions:
             f = next(f for f in dataclasses.fields(self) if f.name == name)
             return f.metadata.get("flag", "--" + name.replace("_", "-"))
 
+        if not self.out_dir.strip():
+            raise ValueError("--out is empty: give the run's folder")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps} (leave it out for the preset's)")
         for name in ("eval_images", "max_skips", "skip_window"):
@@ -578,6 +580,19 @@ class Trainer:
             self.lock.release()
             raise
 
+    def _check_origin(self, resume: dict, start_from: Path) -> None:
+        """--from with a checkpoint in --out: the re-run of an interrupted --from command resumes it; any other run
+        there is an error, not a silent switch to resuming it."""
+        if "started_from" not in resume:  # written before runs recorded where they began
+            if self.is_main:
+                log.warning("%s holds a checkpoint: resuming it (--from only starts a run)", self.out)
+            return
+        origin = resume["started_from"]
+        if origin is None or Path(origin) != start_from.resolve():
+            began = f"started from {origin}" if origin else "did not start from a checkpoint"
+            raise ValueError(f"--out {self.out} holds a run that {began}, not from --from {start_from}: give a new "
+                             "--out to start from it, or leave --from out to resume that run")
+
     def _setup(self, cfg: MatNetConfig, opts: TrainOptions) -> None:
         for p in remove_stale_temps(self.out) if self.is_main else ():
             log.warning("removed %s, left by a killed run", p)
@@ -587,8 +602,10 @@ class Trainer:
         self.ckpt_path = self.out / "checkpoint.pt"
         resume = load_checkpoint(self.ckpt_path) if opts.resume and self.ckpt_path.exists() else None
         self.started_from = None if resume is not None or not opts.start_from else Path(opts.start_from)
-        if resume is not None and opts.start_from and self.is_main:
-            log.warning("%s holds a checkpoint: resuming it (--from only starts a run)", self.out)
+        if resume is not None and opts.start_from:
+            self._check_origin(resume, Path(opts.start_from))
+        # the --from checkpoint this run began with, kept across resumes (None: a run of its own)
+        self.origin = str(self.started_from.resolve()) if self.started_from else (resume or {}).get("started_from")
         if self.started_from is not None:  # another run's state under this config: load_state checks the fit
             if self.started_from.resolve() == self.ckpt_path.resolve():
                 raise ValueError(f"--from {self.started_from} is --out's own checkpoint; give a new --out")
@@ -792,6 +809,7 @@ class Trainer:
             "device_rng": {"type": self.device.type, "state": device_rng(self.device)[0]()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "run_options": {name: getattr(self.opts, name) for name in RUN_OPTIONS},
+            "started_from": self.origin,
             **(self.task.state_dict() if self.task is not None else {"task": "density"}),
         }
 

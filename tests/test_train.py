@@ -302,8 +302,14 @@ def test_from_starts_a_new_run_from_another_runs_state(tmp_path, fake_mnist, cap
     assert st["step"] == 6 and st["config"] == reg.to_dict()
     assert not all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), st["model"].values()))
     again = Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=src))  # the same command once more
-    assert again.step == 6 and again.started_from is None
+    assert again.step == 6 and again.started_from is None and again.origin == str((tmp_path / "b").resolve()
+                                                                                  / "checkpoint.pt")
     again.close()
+    # --from on an --out that holds another run: an error, not a silent resume of that run
+    with pytest.raises(ValueError, match=r"holds a run that started from .*b/checkpoint.pt, not from --from"):
+        Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt")))
+    with pytest.raises(ValueError, match="holds a run that did not start from a checkpoint, not from --from"):
+        Trainer(cfg, _opts(tmp_path / "b", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt")))
     # the command's Adam settings and length, not the source's (its 6 steps would leave nothing to do)
     adam = _tiny(adam_eps=1e-3, adam_betas=(0.9, 0.5))
     tr = Trainer(adam, _opts(tmp_path / "f", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt"),

@@ -363,6 +363,9 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, fake_mnist, monkeypatch, cap
     (["--seed", "-1"], "--seed must be an integer in [0, 2**63)"),
     (["--seed", "99999999999999999999"], "--seed must be an integer in [0, 2**63)"),
     (["--lr-base-batch", "16"], "--lr-base-batch has no effect without --lr-scaling"),
+    (["--out", ""], "--out is empty"),
+    (["--set", 'modules_per_scale={"a": 1}'], "modules_per_scale must be tuple[int, ...], got {'a': 1}"),
+    (["--set", "adam_betas=[0.9]"], "adam_betas must be tuple[float, float], got (0.9,)"),
 ])
 def test_bad_train_values_are_one_line_errors(tmp_path, extra, says, capsys):
     assert _rc(_train_argv(str(tmp_path / "none"), tmp_path / "run", *extra)) == 2
@@ -455,11 +458,37 @@ def trained(tmp_path_factory, fake_mnist):
     (["eval", "--val-size", "7"], "it has no effect on --split test"),
     (["eval", "--seed", "-2"], "--seed must be an integer in [0, 2**63)"),
     (["sample", "--temperature", "1e30"], "generation overflowed at temperature 1e+30"),
+    (["sample", "--n", "10001"], "--n must be <= 10000 (a grid of 100 x 100)"),
+    (["eval", "--n-images", "100000"], "--n-images 100000 is more than the 40 images of the test split"),
+    (["eval", "--n-images", "4", "--iwae-images", "5"], "--iwae-images 5 is more than the 4 images of the ELBO"),
+    (["eval", "--iwae-images", "100000"], "--iwae-images 100000 is more than the 40 images of the ELBO"),
+    (["cluster", "--kmeans", "2", "--n-images", "65"], "--n-images 65 is more than the 40 images of the test split"),
 ])
 def test_bad_eval_and_sample_values_are_one_line_errors(trained, fake_mnist, argv, says, capsys):
     rc = cli.main([argv[0], str(trained), "--data-dir", fake_mnist, *argv[1:]])
     assert rc == 2
     assert says in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("cmd", ["eval", "sample", "inpaint", "cluster"])
+def test_an_empty_checkpoint_path_is_named(cmd, fake_mnist, capsys):
+    assert cli.main([cmd, "", "--data-dir", fake_mnist]) == 2
+    assert "the checkpoint path is empty" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_data_dir_that_is_a_file_or_empty_is_named(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    for data_dir, says in ((str(tmp_path / "f"), "is a file, not a folder"),
+                           ("", "the data directory given is empty")):
+        assert cli.main(_train_argv(data_dir, tmp_path / "run")) == 2
+        assert says in _one_error_line(capsys.readouterr().err)
+
+
+def test_sample_draws_a_large_grid_in_passes(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "SAMPLE_CHUNK", 3)
+    out = tmp_path / "s.png"
+    assert cli.main(["sample", str(trained), "--n", "7", "--out", str(out)]) == 0
+    assert "wrote 7 samples" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("off", [["--k", "0"], ["--iwae-images", "0"]])
