@@ -36,6 +36,7 @@ log = logging.getLogger("matnet.cli")
 MAX_GRID_COLUMNS = 100  # inpaint --n: one grid row holds n + 2 images; wider PNGs are refused by viewers
 MAX_SAMPLES = MAX_GRID_COLUMNS**2  # sample --n: a square grid of at most 100 x 100
 SAMPLE_CHUNK = 256  # samples drawn per generation pass (memory)
+DEFAULT_INPAINT_ROWS = 8
 CONFIG_FLAGS = ("dataset", "batch_size", "lr", "channels", "kl_warmup_steps", "ema_rate", "ar_layers")
 # TrainOptions fields that eval and sample take too
 COMMON = ("device", "data_dir", "seed", "threads", "ops")
@@ -115,7 +116,8 @@ class SampleOptions:
 class InpaintOptions:
     checkpoint: str = _f("", "inpainting checkpoint.pt (trained with --task inpaint)", positional=True)
     n: int = _f(8, "imputations per image, >= 1")
-    images: int = _f(8, "images (grid rows), >= 1")
+    images: int | None = _f(None, f"images (grid rows), >= 1 (default: {DEFAULT_INPAINT_ROWS}, or all of a smaller "
+                                  "folder or split)")
     mask: str | None = _f(None, f"mask spec, one of {SPEC_FORMS} (default: the checkpoint's)")
     out: str = _f("inpaint.png", "PNG grid to write: per row the original, the occluded input, the imputations")
     dataset: str | None = _f(None, "dataset to take images from (default: the checkpoint's)")
@@ -184,7 +186,8 @@ def _counts(o: EvalOptions, have: int) -> tuple[int, int]:
     """(ELBO images, IWAE images) of an eval: all by default; more than there are is an error, not a silent cut."""
     n = _image_count("--n-images", o.n_images, have, f"the {o.split} split")
     if o.iwae_images is not None and o.iwae_images > n:
-        raise ValueError(f"--iwae-images {o.iwae_images} is more than the {n} images of the ELBO (--n-images)")
+        of = f"the {o.split} split" if o.n_images is None else "the ELBO (--n-images)"
+        raise ValueError(f"--iwae-images {o.iwae_images} is more than the {n} images of {of}")
     return n, n if o.iwae_images is None else o.iwae_images
 
 
@@ -478,9 +481,8 @@ def cmd_inpaint(a: argparse.Namespace) -> int:
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
     data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, o.folder)
     g = torch.Generator().manual_seed(a.seed)
-    # the default takes what a small folder has; a count asked for must be there
-    asked = None if o.images == field_default("images", InpaintOptions) else o.images
-    n = min(_image_count("--images", asked, len(data), o.folder or f"the {o.split} split"), o.images)
+    n = (min(DEFAULT_INPAINT_ROWS, len(data)) if o.images is None else
+         _image_count("--images", o.images, len(data), o.folder or f"the {o.split} split"))
     pick = torch.randperm(len(data), generator=g)[:n].sort().values  # --seed picks the images, masks and draws
     x = data.to_float(data.images[pick], generator=g).to(dev)
     m = fixed_masks(gen, n, cfg.image_size, cfg.image_size, seed=a.seed, device=dev)

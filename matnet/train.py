@@ -205,6 +205,8 @@ class TrainOptions:
 
         if not self.out_dir.strip():
             raise ValueError("--out is empty: give the run's folder")
+        if self.start_from is not None and not self.start_from.strip():
+            raise ValueError("--from is empty: give the checkpoint file to start from")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps} (leave it out for the preset's)")
         for name in ("eval_images", "max_skips", "skip_window"):
@@ -590,8 +592,8 @@ class Trainer:
         origin = resume["started_from"]
         if origin is None or Path(origin) != start_from.resolve():
             began = f"started from {origin}" if origin else "did not start from a checkpoint"
-            raise ValueError(f"--out {self.out} holds a run that {began}, not from --from {start_from}: give a new "
-                             "--out to start from it, or leave --from out to resume that run")
+            raise ValueError(f"--out {self.out} holds a run that {began}, not from --from {start_from.resolve()}: "
+                             "give a new --out to start from it, or leave --from out to resume that run")
 
     def _setup(self, cfg: MatNetConfig, opts: TrainOptions) -> None:
         for p in remove_stale_temps(self.out) if self.is_main else ():
@@ -604,8 +606,14 @@ class Trainer:
         self.started_from = None if resume is not None or not opts.start_from else Path(opts.start_from)
         if resume is not None and opts.start_from:
             self._check_origin(resume, Path(opts.start_from))
-        # the --from checkpoint this run began with, kept across resumes (None: a run of its own)
-        self.origin = str(self.started_from.resolve()) if self.started_from else (resume or {}).get("started_from")
+        # the record of where this run began, kept across resumes: the --from of a fresh start or (checked above) of
+        # the re-run of one, else None (a run of its own); a checkpoint written before runs kept it: unknown, unrecorded
+        if opts.start_from:
+            self.origin = {"started_from": str(Path(opts.start_from).resolve())}
+        elif resume is None or "started_from" in resume:
+            self.origin = {"started_from": resume.get("started_from") if resume else None}
+        else:
+            self.origin = {}
         if self.started_from is not None:  # another run's state under this config: load_state checks the fit
             if self.started_from.resolve() == self.ckpt_path.resolve():
                 raise ValueError(f"--from {self.started_from} is --out's own checkpoint; give a new --out")
@@ -809,7 +817,7 @@ class Trainer:
             "device_rng": {"type": self.device.type, "state": device_rng(self.device)[0]()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "run_options": {name: getattr(self.opts, name) for name in RUN_OPTIONS},
-            "started_from": self.origin,
+            **self.origin,
             **(self.task.state_dict() if self.task is not None else {"task": "density"}),
         }
 

@@ -207,8 +207,9 @@ def test_image_folder_input(inpaint_ckpt, fake_mnist, tmp_path, capsys):
     assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces"), "--n", "2", "--out",
                      str(out)]) == 0  # RGB files into a grey MNIST model
     _cells(out, 5, 4, 28)  # all 5 images (fewer than --images 8), at the model's size
-    assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces"), "--images", "6"]) == 2
-    assert f"--images 6 is more than the 5 images of {tmp_path / 'faces'}" in capsys.readouterr().err
+    for asked in ("6", "8"):  # an explicit count must be there, the default's 8 included
+        assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces"), "--images", asked]) == 2
+        assert f"--images {asked} is more than the 5 images of {tmp_path / 'faces'}" in capsys.readouterr().err
     for extra, says in ((["--split", "val"], "give --folder or --split, not both"),
                         (["--dataset", "mnist"], "give --folder or --dataset, not both")):
         assert cli.main(["inpaint", inpaint_ckpt, "--folder", str(tmp_path / "faces"), *extra]) == 2

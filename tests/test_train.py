@@ -302,14 +302,22 @@ def test_from_starts_a_new_run_from_another_runs_state(tmp_path, fake_mnist, cap
     assert st["step"] == 6 and st["config"] == reg.to_dict()
     assert not all(torch.equal(a, b) for a, b in zip(straight.model.state_dict().values(), st["model"].values()))
     again = Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=src))  # the same command once more
-    assert again.step == 6 and again.started_from is None and again.origin == str((tmp_path / "b").resolve()
-                                                                                  / "checkpoint.pt")
+    assert again.step == 6 and again.started_from is None
+    assert again.origin == {"started_from": str((tmp_path / "b" / "checkpoint.pt").resolve())}
     again.close()
     # --from on an --out that holds another run: an error, not a silent resume of that run
     with pytest.raises(ValueError, match=r"holds a run that started from .*b/checkpoint.pt, not from --from"):
         Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt")))
     with pytest.raises(ValueError, match="holds a run that did not start from a checkpoint, not from --from"):
         Trainer(cfg, _opts(tmp_path / "b", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt")))
+    # a checkpoint from before runs recorded where they began: resumed with its --from, it records that one;
+    # resumed without, it records nothing (unknown), so the --from command still resumes it later
+    legacy = {k: v for k, v in load_checkpoint(tmp_path / "d" / "checkpoint.pt").items() if k != "started_from"}
+    for start, recorded in ((None, "absent"), (src, str((tmp_path / "b" / "checkpoint.pt").resolve()))):
+        save_checkpoint(tmp_path / "d" / "checkpoint.pt", legacy)
+        tr = Trainer(reg, _opts(tmp_path / "d", fake_mnist, start_from=start, steps=7))
+        tr.run()
+        assert load_checkpoint(tmp_path / "d" / "checkpoint.pt").get("started_from", "absent") == recorded
     # the command's Adam settings and length, not the source's (its 6 steps would leave nothing to do)
     adam = _tiny(adam_eps=1e-3, adam_betas=(0.9, 0.5))
     tr = Trainer(adam, _opts(tmp_path / "f", fake_mnist, start_from=str(tmp_path / "a" / "checkpoint.pt"),

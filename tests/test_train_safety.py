@@ -364,6 +364,7 @@ def test_sigint_checkpoints_and_exits_130(tmp_path, fake_mnist, monkeypatch, cap
     (["--seed", "99999999999999999999"], "--seed must be an integer in [0, 2**63)"),
     (["--lr-base-batch", "16"], "--lr-base-batch has no effect without --lr-scaling"),
     (["--out", ""], "--out is empty"),
+    (["--from", ""], "--from is empty"),
     (["--set", 'modules_per_scale={"a": 1}'], "modules_per_scale must be tuple[int, ...], got {'a': 1}"),
     (["--set", "adam_betas=[0.9]"], "adam_betas must be tuple[float, float], got (0.9,)"),
 ])
@@ -461,7 +462,7 @@ def trained(tmp_path_factory, fake_mnist):
     (["sample", "--n", "10001"], "--n must be <= 10000 (a grid of 100 x 100)"),
     (["eval", "--n-images", "100000"], "--n-images 100000 is more than the 40 images of the test split"),
     (["eval", "--n-images", "4", "--iwae-images", "5"], "--iwae-images 5 is more than the 4 images of the ELBO"),
-    (["eval", "--iwae-images", "100000"], "--iwae-images 100000 is more than the 40 images of the ELBO"),
+    (["eval", "--iwae-images", "100000"], "--iwae-images 100000 is more than the 40 images of the test split"),
     (["cluster", "--kmeans", "2", "--n-images", "65"], "--n-images 65 is more than the 40 images of the test split"),
 ])
 def test_bad_eval_and_sample_values_are_one_line_errors(trained, fake_mnist, argv, says, capsys):
