@@ -263,11 +263,22 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def _agreed(what: str, fn: typing.Callable[[], Any]) -> Any:
+    """fn() on every rank of a torchrun job, then a collective: a failure on any rank stops all of them, and
+    a failure alike on every rank (bad options) is said once, by rank 0."""
+    err, out = None, None
+    try:
+        out = fn()
+    except Exception as e:  # every kind: a rank must not leave the others waiting in the collective
+        err = e
+    distributed.agree(err, what)
+    return out
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .train import train
 
-    cfg = _config_from_args(a)
-    opts = from_args(TrainOptions, a)
+    cfg, opts = _agreed("reading the options", lambda: (_config_from_args(a), from_args(TrainOptions, a)))
     res = train(cfg, opts)
     if distributed.is_main():
         print(json.dumps(strict_json({k: v for k, v in res.items() if not isinstance(v, list)})))
@@ -280,10 +291,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .train import TrainingDiverged, evaluate, pick_device
 
-    o: EvalOptions = from_args(EvalOptions, a)
+    o: EvalOptions = _agreed("reading the options", lambda: from_args(EvalOptions, a))
     _threads(a.threads)
     dev = distributed.rank_device(pick_device(a.device))  # under torchrun: the images split over the ranks
-    if _task_of(o.checkpoint) == "inpaint":
+    if _agreed("reading the checkpoint", lambda: _task_of(o.checkpoint)) == "inpaint":
         if o.finetune_inference_epochs:
             raise ValueError("--finetune-inference-epochs is for density checkpoints, not inpainting ones")
         return _eval_inpaint(o, a, dev)
@@ -292,10 +303,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if o.mask is not None or o.mask_seed != field_default("mask_seed", EvalOptions):
         flag = "--mask" if o.mask is not None else "--mask-seed"
         raise ValueError(f"{flag} is for inpainting checkpoints; {o.checkpoint} is a density model")
-    model = _in_layout(load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema), o)
+    def setup() -> tuple:
+        model = _in_layout(load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema), o)
+        data = _model_data(o.dataset or model.cfg.dataset, o.split, a, model.cfg, model.dist.binary,
+                           val_size=o.val_size)
+        return (model, data, *_counts(o, len(data)))
+
+    model, data, n, m = _agreed("setting up", setup)
     cfg = model.cfg
-    data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
-    n, m = _counts(o, len(data))
     t = time.time()
     res = _scored(o, dev, lambda: evaluate(model, data, n, o.k, m, batch_size=o.batch_size, seed=a.seed, device=dev,
                                            progress=True, chunk=o.chunk))
@@ -413,12 +428,15 @@ def _eval_inpaint(o: EvalOptions, a: argparse.Namespace, dev: torch.device) -> i
     missing pixels (Eq. 6 bound and IWAE bound), on fixed masks seeded with --mask-seed."""
     from .inpaint import evaluate_inpaint, load_inpaint_model
 
-    model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
-    model = _in_layout(model, o)
+    def setup() -> tuple:
+        model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
+        cfg = model.cfg
+        gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
+        data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
+        return (_in_layout(model, o), meta, gen, data, *_counts(o, len(data)))
+
+    model, meta, gen, data, n, m = _agreed("setting up", setup)
     cfg = model.cfg
-    gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
-    data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
-    n, m = _counts(o, len(data))
     t = time.time()
     r = _scored(o, dev, lambda: evaluate_inpaint(model, data, gen, n, o.k, m, batch_size=o.batch_size, seed=a.seed,
                                                  mask_seed=o.mask_seed, device=dev, progress=True, chunk=o.chunk))
@@ -597,11 +615,11 @@ def _run(a: argparse.Namespace) -> int:
             raise  # a bug, not a user error: keep the traceback
         if a.verbose:
             log.exception("details")
-        kind = "stopped" if getattr(e, "resumable", False) else "error"
         msg = " ".join(str(e).split())
+        msg = msg if getattr(e, "resumable", False) else f"error: {msg}"  # a stop says "stopped ..." itself
         r = distributed.rank()
         if r == 0 or not getattr(e, "same_on_all_ranks", False):  # an outcome all ranks agreed on: rank 0 says it
-            print(f"{f'[rank {r}] ' if r else ''}matnet {a.cmd}: {kind}: {msg}", file=sys.stderr)
+            print(f"{f'[rank {r}] ' if r else ''}matnet {a.cmd}: {msg}", file=sys.stderr)
         return EXIT_USAGE if code is None else code
 
 

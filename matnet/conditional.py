@@ -28,7 +28,16 @@ from .distributions import (
     OutputDistribution,
     make_output_distribution,
 )
-from .model import MatNet, MatNetOutput, _Trace, check_generated, clip_logits
+from .model import (
+    MatNet,
+    MatNetOutput,
+    _Trace,
+    check_batch,
+    check_config,
+    check_count,
+    check_generated,
+    clip_logits,
+)
 from .modules import (
     BUModule,
     GRUMergeModule,
@@ -181,7 +190,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
 
     def __init__(self, cfg: MatNetConfig):
         super().__init__()
-        cfg.validate()
+        check_config(cfg)
         if cfg.prior != "normal" or cfg.infer_reg_weight:
             # p(z0 | x^k) comes from the generator's BU network (Eq. 3): no mixture prior, and Eq. 13 needs p(x)
             raise ValueError("a conditional MatNet takes prior='normal' and infer_reg_weight=0")
@@ -305,6 +314,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor, kl_weight: float | torch.Tensor = 1.0,
                 return_log_weight: bool = False) -> MatNetOutput:
         self.check_input(x)
+        check_batch(x)
         m = self.check_mask(mask, x)
         trace = _Trace(return_log_weight)
         recon, aux = self._infer(x, m, trace)
@@ -327,8 +337,9 @@ class ConditionalMatNet(UsesOps, nn.Module):
         once; the k samples go through the rest `chunk` at a time with a running logsumexp."""
         self.check_input(x)
         m = self.check_mask(mask, x)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        check_count("k", k)
+        if chunk is not None:
+            check_count("chunk", chunk)
         B = x.shape[0]
         chunk = max(1, min(k, chunk or self.iwae_chunk(B, x.device)))
         bu = self._encode(self.stages[0], x, torch.where(m, self.fill.to(x.dtype), x), m)
@@ -359,8 +370,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
                mean: bool = False) -> torch.Tensor:
         """n imputations per image, [B, n, C, H, W] in data space: missing pixels drawn from p(x^u | x^k) (mean=True:
         E[x | z] there, as for `MatNet.sample`), known pixels returned exactly. Reads only the known pixels."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_count("n", n)
         xk, m = self._known(x, mask)
         B = xk.shape[0]
         xk, m = xk.repeat(n, 1, 1, 1), m.repeat(n, 1, 1, 1)  # sample-major: row s * B + b

@@ -17,6 +17,7 @@ import contextlib
 import os
 import signal
 import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -197,17 +198,21 @@ class PeerFailed(RuntimeError):
 def agree(err: BaseException | None, what: str) -> None:
     """A collective that every rank passes together: if any rank failed at `what` (err), all raise (the failed
     rank its own error, the others PeerFailed with its exit code), so no rank is left waiting in a later
-    collective. In a single process: raise err if there is one."""
+    collective. When every rank failed with the same message, rank 0 alone says it. In a single process: raise
+    err if there is one."""
     if world() == 1:
         if err is not None:
             raise err
         return
     code = 0 if err is None else int(getattr(err, "exit_code", EXIT_USER_ERROR if isinstance(
         err, (ValueError, RuntimeError, OSError)) else EXIT_BUG))
-    codes = [torch.zeros(1, dtype=torch.int64, device=_collective_device()) for _ in range(world())]
-    dist.all_gather(codes, torch.tensor([code], dtype=torch.int64, device=_collective_device()))
-    failed = [(r, int(c.item())) for r, c in enumerate(codes) if c.item()]
+    said = 0 if err is None else zlib.crc32(str(err).encode())
+    both = [torch.zeros(2, dtype=torch.int64, device=_collective_device()) for _ in range(world())]
+    dist.all_gather(both, torch.tensor([code, said], dtype=torch.int64, device=_collective_device()))
+    failed = [(r, int(c[0].item())) for r, c in enumerate(both) if c[0].item()]
     if err is not None:
+        if len(failed) == world() and all(torch.equal(c, both[0]) for c in both):
+            err.same_on_all_ranks = True  # type: ignore[attr-defined]
         raise err
     if failed:
         raise PeerFailed(what, *failed[0])

@@ -51,6 +51,28 @@ class GenerationOverflow(ValueError):
     features can overflow to inf and NaN): raised before any draw from them."""
 
 
+def check_count(name: str, v: object, low: int = 1) -> None:
+    """An integer argument (a count) of the public API: >= low, and an int (not a bool, float or string)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+
+
+def check_batch(x: torch.Tensor) -> None:
+    """The loss to train on is a mean over the batch: an empty one would be NaN. Without gradients an empty batch
+    is fine (empty bounds: a rank's empty share of a sharded evaluation)."""
+    if x.shape[0] == 0 and torch.is_grad_enabled():
+        raise ValueError("x has batch size 0: the loss is a mean over the batch (under torch.no_grad an empty batch "
+                         "gives empty bounds)")
+
+
+def check_config(cfg: object) -> None:
+    if not isinstance(cfg, MatNetConfig):
+        raise TypeError(f"cfg must be a MatNetConfig (e.g. MatNetConfig.preset(\"tiny\")), got {type(cfg).__name__}")
+    cfg.validate()
+
+
 def check_generated(h: torch.Tensor, temperature: float) -> None:
     """Raise GenerationOverflow unless h, the generation pass's last TD features, is finite."""
     if not torch.isfinite(h).all():
@@ -83,7 +105,7 @@ class MatNet(UsesOps, nn.Module):
 
     def __init__(self, cfg: MatNetConfig):
         super().__init__()
-        cfg.validate()
+        check_config(cfg)
         if conditional := conditional_fields_set(cfg):
             raise ValueError(f"{conditional} are conditional-MatNet settings (ConditionalMatNet; "
                              "matnet train --task inpaint), not a density model's")
@@ -268,6 +290,7 @@ class MatNet(UsesOps, nn.Module):
     def forward(self, x: torch.Tensor, kl_weight: float | torch.Tensor = 1.0,
                 return_log_weight: bool = False) -> MatNetOutput:
         self.check_input(x)
+        check_batch(x)
         trace = _Trace(return_log_weight)
         h = self.top_down(self.bottom_up(x), trace)
         recon = self.dist.nll(x, self.output_params(h, x))
@@ -299,8 +322,9 @@ class MatNet(UsesOps, nn.Module):
         summed in fp32 (fp64 across samples).
         """
         self.check_input(x)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        check_count("k", k)
+        if chunk is not None:
+            check_count("chunk", chunk)
         B = x.shape[0]
         chunk = max(1, min(k, chunk or self.iwae_chunk(B, x.device)))
         bu = self.bottom_up(x)
@@ -337,6 +361,7 @@ class MatNet(UsesOps, nn.Module):
         """n images [n, C, H, W] in data space. mean=True returns E[x | z] (the mode for the logistic
         likelihoods) instead of a draw, as is customary for displaying binary data; with the AR decoder,
         8-bit images are then decoded greedily and binary ones show each pixel's mean given drawn pixels."""
+        check_count("n", n)
         h = self.generate_features(n, temperature)
         check_generated(h, temperature)
         pick = self.dist.mean if mean else self.dist.sample

@@ -63,6 +63,19 @@ def test_masked_nll_scores_missing_pixels_only(name):
     torch.testing.assert_close(delta.abs(), single)
 
 
+def test_api_arguments_are_checked_by_name():
+    cfg = CASES["two-stage-logistic"]
+    cm = matnet.ConditionalMatNet(cfg)
+    x, m = random_data(cfg, 2), _mask(cfg, 2)
+    for call, err, says in ((lambda: cm(x[:0], m[:0]), ValueError, "batch size 0"),
+                            (lambda: cm.impute(x, m, n=2.5), TypeError, "n must be an int, got 2.5"),
+                            (lambda: cm.iwae_nll(x, m, k=3.0), TypeError, "k must be an int"),
+                            (lambda: cm.iwae_nll(x, m, k=3, chunk=0), ValueError, "chunk must be >= 1"),
+                            (lambda: matnet.ConditionalMatNet({"stages": 2}), TypeError, "cfg must be a MatNetConfig")):
+        with pytest.raises(err, match=says):
+            call()
+
+
 def test_objective_bookkeeping_and_all_known_mask():
     cfg = CASES["two-stage-logistic"]
     cm = matnet.ConditionalMatNet(cfg)

@@ -340,6 +340,22 @@ def test_mixture_prior_refit_on_two_processes_matches_one(tmp_path, fake_mnist):
     assert_all_within_ref_error("mixture prior refit, 2 processes", got, one, truth)
 
 
+def test_an_error_alike_on_every_rank_is_said_once(tmp_path, fake_mnist, two_process_run):
+    """Bad options, a batch the processes cannot share, too many images: every rank fails with the same message
+    (and agrees on it before any rank leaves), so rank 0 alone prints it."""
+    ck = str(two_process_run / "checkpoint.pt")
+    for args, says in ((_train_args(fake_mnist, tmp_path / "t", "--steps", "1", "--batch-size", "7"),
+                        "--batch-size 7 (the global batch) must be divisible by the 2 processes"),
+                       (_train_args(fake_mnist, tmp_path / "t", "--lr", "0"), "lr must be a finite number > 0"),
+                       (["eval", ck, "--data-dir", fake_mnist, "--device", "cpu", "--k", "-1"], "--k must be >= 0"),
+                       (["eval", ck, "--data-dir", fake_mnist, "--device", "cpu", "--n-images", "41"],
+                        "--n-images 41 is more than the 40 images of the test split")):
+        rc, _, err = _run2(args)
+        assert rc != 0 and _worker_codes(err) == {"2"}, err[-3000:]
+        msg = _messages(err)
+        assert len(msg) == 1 and msg[0].startswith(f"matnet {args[0]}: error: ") and says in msg[0], err[-3000:]
+
+
 def test_distributed_evaluation_equals_one_process(tmp_path, fake_mnist, two_process_run):
     """The validation of the 2-process run (a batch with no image for rank 0: 101 images, 100 per batch) and
     `matnet eval` under torchrun (uneven shares, batches of 2 then 1) give the one-process numbers for the same
@@ -446,7 +462,7 @@ def test_sigterm_checkpoints_on_every_rank_and_resumes_exactly(interrupted, stra
     rc, _, err = interrupted["sigterm"]
     stopped = interrupted["term_step"]
     assert rc == 1 and 1 <= stopped < STEPS, err[-3000:]
-    assert _messages(err) == [f"matnet train: stopped: stopped by SIGTERM at step {stopped}; checkpoint written, "
+    assert _messages(err) == [f"matnet train: stopped by SIGTERM at step {stopped}; checkpoint written, "
                               "run the same command again to resume"]
     _assert_same_run(interrupted["out"], straight)
 

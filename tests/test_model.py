@@ -741,6 +741,30 @@ def test_input_validation(tiny_model):
             model.iwae_nll(x, k=2)
 
 
+def test_api_arguments_are_checked_by_name(tiny_model):
+    """Counts of the public API are ints >= 1 (no silent chunk 0 = default, k=True = 1, or torch's own errors); an
+    empty batch has no mean loss; a config is a MatNetConfig."""
+    cfg, model = tiny_model
+    x = data(cfg, 2)
+    for call, err, says in ((lambda: model.iwae_nll(x, k=2.5), TypeError, "k must be an int, got 2.5"),
+                            (lambda: model.iwae_nll(x, k=True), TypeError, "k must be an int, got True"),
+                            (lambda: model.iwae_nll(x, k=0), ValueError, "k must be >= 1"),
+                            (lambda: model.iwae_nll(x, k=4, chunk=0), ValueError, "chunk must be >= 1, got 0"),
+                            (lambda: model.iwae_nll(x, k=4, chunk=-2), ValueError, "chunk must be >= 1, got -2"),
+                            (lambda: model.sample(-1), ValueError, "n must be >= 1, got -1"),
+                            (lambda: model.sample(2.0), TypeError, "n must be an int, got 2.0"),
+                            (lambda: model.sample("2"), TypeError, "n must be an int"),
+                            (lambda: model(x[:0]), ValueError, "batch size 0"),
+                            (lambda: MatNet({"channels": 8}), TypeError, "cfg must be a MatNetConfig"),
+                            (lambda: MatNet("tiny"), TypeError, "cfg must be a MatNetConfig"),
+                            (lambda: cfg.replace(ar_layers=2, ar_channels=0), ValueError, "ar_channels must be >= 1")):
+        with pytest.raises(err, match=says):
+            call()
+    assert model.iwae_nll(x[:0], k=2).shape == (0,)  # an empty batch has empty bounds
+    with torch.no_grad():  # e.g. a rank's empty share of a sharded evaluation
+        assert model(x[:0]).nll_bound.shape == (0,)
+
+
 def test_input_range_for_8bit_likelihoods():
     torch.manual_seed(23)
     for lik in ("logistic", "logistic_mixture"):

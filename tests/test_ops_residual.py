@@ -298,7 +298,8 @@ def _valid():
     (lambda d: d.update(b2=d["b2"].double()), TypeError, "b2 has dtype torch.float64"),
     (lambda d: d.update(w1=d["w1"].to("meta")), ValueError, "w1 is on meta"),
     (lambda d: d.update(h=d["h"].long()), TypeError, "floating-point"),
-    (lambda d: d.update(slope=-0.1), ValueError, "slope must be a number >= 0"),
+    (lambda d: d.update(slope=-0.1), ValueError, "slope must be a finite number >= 0"),
+    (lambda d: d.update(slope=float("nan")), ValueError, "slope must be a finite number >= 0"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_validation(change, err, match):
     d = _valid()

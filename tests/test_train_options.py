@@ -309,7 +309,7 @@ def test_time_limit_checkpoints_and_exits_before_it(tmp_path, fake_mnist, capsys
     took = time.monotonic() - t
     err = capsys.readouterr().err.strip()
     assert rc == EXIT_TIME_LIMIT == TimeLimitReached.exit_code == 5
-    assert err.startswith("matnet train: stopped:") and "--time-limit" in err and len(err.splitlines()) == 1
+    assert err.startswith("matnet train: stopped at step") and "--time-limit" in err and len(err.splitlines()) == 1
     assert took < limit_min * 60  # checkpoint written and exited before the limit
     st = load_checkpoint(tmp_path / "checkpoint.pt")
     assert 1 <= st["step"] < 100000

@@ -7,6 +7,8 @@ sign of a1 and out, slope >= 0); `matnet::residual_conv_block_backward` is the b
 trace under torch.compile. Under autocast the block runs in the autocast dtype.
 """
 
+import math
+
 import torch
 
 from . import reference
@@ -110,8 +112,8 @@ def _validate(h, w1, b1, w2, b2, extra, slope) -> None:
     for k, b, n in (("b1", b1, M), ("b2", b2, C)):
         if b is not None and tuple(b.shape) != (n,):
             raise ValueError(f"{name}: {k} has shape {list(b.shape)}, expected [{n}]")
-    if not isinstance(slope, (int, float)) or slope < 0:
-        raise ValueError(f"{name}: slope must be a number >= 0, got {slope!r}")
+    if isinstance(slope, bool) or not isinstance(slope, (int, float)) or not 0 <= slope < math.inf:
+        raise ValueError(f"{name}: slope must be a finite number >= 0, got {slope!r}")
 
 
 def residual_conv_block(
