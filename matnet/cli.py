@@ -291,18 +291,26 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .train import TrainingDiverged, evaluate, pick_device
 
-    o: EvalOptions = _agreed("reading the options", lambda: from_args(EvalOptions, a))
-    _threads(a.threads)
-    dev = distributed.rank_device(pick_device(a.device))  # under torchrun: the images split over the ranks
-    if _agreed("reading the checkpoint", lambda: _task_of(o.checkpoint)) == "inpaint":
-        if o.finetune_inference_epochs:
+    def options() -> tuple[EvalOptions, torch.device]:
+        o = from_args(EvalOptions, a)
+        _threads(a.threads)
+        return o, distributed.rank_device(pick_device(a.device))  # under torchrun: the images split over the ranks
+
+    o, dev = _agreed("reading the options", options)
+
+    def task() -> str:
+        task = _task_of(o.checkpoint)
+        if task == "inpaint" and o.finetune_inference_epochs:
             raise ValueError("--finetune-inference-epochs is for density checkpoints, not inpainting ones")
+        if task != "inpaint" and o.finetune_inference_epochs and distributed.world() > 1:
+            raise ValueError("--finetune-inference-epochs runs in one process: launch this eval without torchrun")
+        if task != "inpaint" and (o.mask is not None or o.mask_seed != field_default("mask_seed", EvalOptions)):
+            flag = "--mask" if o.mask is not None else "--mask-seed"
+            raise ValueError(f"{flag} is for inpainting checkpoints; {o.checkpoint} is a density model")
+        return task
+
+    if _agreed("reading the checkpoint", task) == "inpaint":
         return _eval_inpaint(o, a, dev)
-    if o.finetune_inference_epochs and distributed.world() > 1:
-        raise ValueError("--finetune-inference-epochs runs in one process: launch this eval without torchrun")
-    if o.mask is not None or o.mask_seed != field_default("mask_seed", EvalOptions):
-        flag = "--mask" if o.mask is not None else "--mask-seed"
-        raise ValueError(f"{flag} is for inpainting checkpoints; {o.checkpoint} is a density model")
     def setup() -> tuple:
         model = _in_layout(load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema), o)
         data = _model_data(o.dataset or model.cfg.dataset, o.split, a, model.cfg, model.dist.binary,
@@ -600,11 +608,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(a: argparse.Namespace) -> int:
     try:
-        if hasattr(a, "seed"):
-            check_seed(a.seed)
         if keep_freed_memory():
             log.info("freed CPU memory is kept for reuse (glibc malloc; MATNET_KEEP_FREED_MEMORY=0 turns it off)")
-        _resolve_ops(a)
+        _agreed("reading the options", lambda: (check_seed(a.seed) if hasattr(a, "seed") else None,
+                                                _resolve_ops(a)))
         return a.fn(a)
     except KeyboardInterrupt:
         print(f"matnet {a.cmd}: interrupted", file=sys.stderr)

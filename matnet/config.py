@@ -138,9 +138,11 @@ class MatNetConfig:
         if not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
         for name in ("image_channels", "image_size", "channels", "z_channels", "nz0", "fc_width", "n_mixtures",
-                     "batch_size", "fc_modules", "ar_channels"):
+                     "batch_size", "fc_modules"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ar_layers and self.ar_channels < 1:  # unused without AR layers: older such configs still load
+            raise ValueError(f"ar_channels must be >= 1, got {self.ar_channels}")
         for name in ("stem_downsample", "ar_layers", "steps", "kl_warmup_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -206,7 +206,7 @@ def agree(err: BaseException | None, what: str) -> None:
         return
     code = 0 if err is None else int(getattr(err, "exit_code", EXIT_USER_ERROR if isinstance(
         err, (ValueError, RuntimeError, OSError)) else EXIT_BUG))
-    said = 0 if err is None else zlib.crc32(str(err).encode())
+    said = 0 if err is None else zlib.crc32(str(err).encode("utf-8", "backslashreplace"))  # argv may hold surrogates
     both = [torch.zeros(2, dtype=torch.int64, device=_collective_device()) for _ in range(world())]
     dist.all_gather(both, torch.tensor([code, said], dtype=torch.int64, device=_collective_device()))
     failed = [(r, int(c[0].item())) for r, c in enumerate(both) if c[0].item()]

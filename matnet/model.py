@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +54,12 @@ class GenerationOverflow(ValueError):
 
 def check_count(name: str, v: object, low: int = 1) -> None:
     """An integer argument (a count) of the public API: >= low, and an int (not a bool, float or string)."""
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        v = operator.index(v)  # ints of numpy and torch too
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})") from None
     if v < low:
         raise ValueError(f"{name} must be >= {low}, got {v}")
 

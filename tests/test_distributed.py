@@ -347,7 +347,10 @@ def test_an_error_alike_on_every_rank_is_said_once(tmp_path, fake_mnist, two_pro
     for args, says in ((_train_args(fake_mnist, tmp_path / "t", "--steps", "1", "--batch-size", "7"),
                         "--batch-size 7 (the global batch) must be divisible by the 2 processes"),
                        (_train_args(fake_mnist, tmp_path / "t", "--lr", "0"), "lr must be a finite number > 0"),
+                       (_train_args(fake_mnist, tmp_path / "t", "--seed", "-1"), "--seed must be an integer"),
                        (["eval", ck, "--data-dir", fake_mnist, "--device", "cpu", "--k", "-1"], "--k must be >= 0"),
+                       (["eval", ck, "--data-dir", fake_mnist, "--device", "cpu", "--mask-seed", "3"],
+                        "--mask-seed is for inpainting checkpoints"),
                        (["eval", ck, "--data-dir", fake_mnist, "--device", "cpu", "--n-images", "41"],
                         "--n-images 41 is more than the 40 images of the test split")):
         rc, _, err = _run2(args)

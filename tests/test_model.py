@@ -757,9 +757,11 @@ def test_api_arguments_are_checked_by_name(tiny_model):
                             (lambda: model(x[:0]), ValueError, "batch size 0"),
                             (lambda: MatNet({"channels": 8}), TypeError, "cfg must be a MatNetConfig"),
                             (lambda: MatNet("tiny"), TypeError, "cfg must be a MatNetConfig"),
-                            (lambda: cfg.replace(ar_layers=2, ar_channels=0), ValueError, "ar_channels must be >= 1")):
+                            (lambda: cfg.replace(ar_layers=2, ar_channels=0), ValueError, "ar_channels must be >= 1"),
+                            (lambda: model.sample(np.float64(2.0)), TypeError, "n must be an int")):
         with pytest.raises(err, match=says):
             call()
+    assert model.sample(np.int64(2)).shape[0] == 2  # numpy's ints are ints
     assert model.iwae_nll(x[:0], k=2).shape == (0,)  # an empty batch has empty bounds
     with torch.no_grad():  # e.g. a rank's empty share of a sharded evaluation
         assert model(x[:0]).nll_bound.shape == (0,)
