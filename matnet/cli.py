@@ -311,6 +311,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     if _agreed("reading the checkpoint", task) == "inpaint":
         return _eval_inpaint(o, a, dev)
+
     def setup() -> tuple:
         model = _in_layout(load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema), o)
         data = _model_data(o.dataset or model.cfg.dataset, o.split, a, model.cfg, model.dist.binary,
