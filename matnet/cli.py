@@ -298,16 +298,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     o, dev = _agreed("reading the options", options)
 
-    def task() -> str:
-        task = _task_of(o.checkpoint)
-        if task == "inpaint" and o.finetune_inference_epochs:
+    def task() -> str:  # the checkpoint's task, and the options that do not fit it
+        kind = _task_of(o.checkpoint)
+        if kind == "inpaint" and o.finetune_inference_epochs:
             raise ValueError("--finetune-inference-epochs is for density checkpoints, not inpainting ones")
-        if task != "inpaint" and o.finetune_inference_epochs and distributed.world() > 1:
+        if kind != "inpaint" and o.finetune_inference_epochs and distributed.world() > 1:
             raise ValueError("--finetune-inference-epochs runs in one process: launch this eval without torchrun")
-        if task != "inpaint" and (o.mask is not None or o.mask_seed != field_default("mask_seed", EvalOptions)):
+        if kind != "inpaint" and (o.mask is not None or o.mask_seed != field_default("mask_seed", EvalOptions)):
             flag = "--mask" if o.mask is not None else "--mask-seed"
             raise ValueError(f"{flag} is for inpainting checkpoints; {o.checkpoint} is a density model")
-        return task
+        return kind
 
     if _agreed("reading the checkpoint", task) == "inpaint":
         return _eval_inpaint(o, a, dev)

@@ -36,6 +36,7 @@ from .model import (
     check_config,
     check_count,
     check_generated,
+    check_iwae_counts,
     clip_logits,
 )
 from .modules import (
@@ -337,9 +338,7 @@ class ConditionalMatNet(UsesOps, nn.Module):
         once; the k samples go through the rest `chunk` at a time with a running logsumexp."""
         self.check_input(x)
         m = self.check_mask(mask, x)
-        check_count("k", k)
-        if chunk is not None:
-            check_count("chunk", chunk)
+        check_iwae_counts(k, chunk)
         B = x.shape[0]
         chunk = max(1, min(k, chunk or self.iwae_chunk(B, x.device)))
         bu = self._encode(self.stages[0], x, torch.where(m, self.fill.to(x.dtype), x), m)

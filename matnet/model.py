@@ -64,6 +64,13 @@ def check_count(name: str, v: object, low: int = 1) -> None:
         raise ValueError(f"{name} must be >= {low}, got {v}")
 
 
+def check_iwae_counts(k: object, chunk: object) -> None:
+    """`iwae_nll`'s k samples, and its chunk unless None (the per-device default)."""
+    check_count("k", k)
+    if chunk is not None:
+        check_count("chunk", chunk)
+
+
 def check_batch(x: torch.Tensor) -> None:
     """The loss to train on is a mean over the batch: an empty one would be NaN. Without gradients an empty batch
     is fine (empty bounds: a rank's empty share of a sharded evaluation)."""
@@ -327,9 +334,7 @@ class MatNet(UsesOps, nn.Module):
         summed in fp32 (fp64 across samples).
         """
         self.check_input(x)
-        check_count("k", k)
-        if chunk is not None:
-            check_count("chunk", chunk)
+        check_iwae_counts(k, chunk)
         B = x.shape[0]
         chunk = max(1, min(k, chunk or self.iwae_chunk(B, x.device)))
         bu = self.bottom_up(x)
