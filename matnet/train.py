@@ -502,22 +502,27 @@ class WallClock:
     """Wall-time bookkeeping for --time-limit and --ckpt-minutes (both in minutes; 0: off).
 
     A run stops before a step when the time left could not cover two of its slowest steps so far
-    (evaluations and checkpoints included) plus a checkpoint: what it writes then is its last act."""
+    (evaluations and checkpoints included) plus its slowest checkpoint: what it writes then is its last act.
+    The first applied step is checkpointed to time one (the optimizer's state exists from then on)."""
 
     def __init__(self, started: float, limit_min: float, ckpt_min: float):
         self.started, self.limit, self.every = started, limit_min * 60.0, ckpt_min * 60.0
-        self.slowest, self.save_s, self.last_save = 0.0, 0.0, time.monotonic()
+        self.slowest, self.last_save = 0.0, time.monotonic()
+        self.save_s: float | None = None  # the slowest checkpoint so far
 
     def step_took(self, seconds: float) -> None:
         self.slowest = max(self.slowest, seconds)
 
     def saved(self, seconds: float) -> None:
-        self.save_s, self.last_save = max(self.save_s, seconds), time.monotonic()
+        self.save_s, self.last_save = max(self.save_s or 0.0, seconds), time.monotonic()
 
     def out_of_time(self) -> bool:
         if not self.limit:
             return False
-        return time.monotonic() - self.started + 2 * self.slowest + self.save_s >= self.limit
+        return time.monotonic() - self.started + 2 * self.slowest + (self.save_s or 0.0) >= self.limit
+
+    def save_untimed(self) -> bool:
+        return bool(self.limit) and self.save_s is None
 
     def checkpoint_due(self) -> bool:
         return bool(self.every) and time.monotonic() - self.last_save >= self.every
@@ -1119,7 +1124,8 @@ class Trainer:
             # every stop is agreed by all ranks (a collective where wall time or signals could differ)
             if o.time_limit and distributed.any_true(clock.out_of_time()):
                 bar.close()
-                self.timed_save(clock)
+                if self.saved_step != self.step:
+                    self.timed_save(clock)
                 raise TimeLimitReached(self.step, o.time_limit)
             tick = time.monotonic()
             row = self.train_step(next(stream))
@@ -1150,6 +1156,7 @@ class Trainer:
                 self.save_samples(self.out / f"samples_{self.step:07d}.png")
             ckpt_due |= bool(o.ckpt_every) and self.step % o.ckpt_every == 0
             ckpt_due |= bool(o.ckpt_minutes) and distributed.any_true(clock.checkpoint_due())
+            ckpt_due |= clock.save_untimed()  # --time-limit reserves a checkpoint's time: measure one
             if ckpt_due and not self.last_skipped:  # checkpoints follow applied updates only
                 self.timed_save(clock)
                 ckpt_due = False

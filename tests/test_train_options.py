@@ -318,6 +318,31 @@ def test_time_limit_checkpoints_and_exits_before_it(tmp_path, fake_mnist, capsys
     resumed.close()
 
 
+def test_time_limit_reserves_a_slow_checkpoint(tmp_path, fake_mnist, monkeypatch):
+    """Checkpoints far slower than a step (a slow disk): the first applied step is checkpointed to time one, so
+    the last one still ends before the limit (the limit counts from the Trainer's set-up)."""
+    import matnet.train as train_mod
+
+    real = train_mod.save_checkpoint
+    monkeypatch.setattr(train_mod, "save_checkpoint", lambda *a: (time.sleep(1.0), real(*a)))
+    tr = Trainer(_tiny(), _quiet(tmp_path, fake_mnist, steps=100000, time_limit=0.06))  # 3.6 s
+    steps = []
+    monkeypatch.setattr(tr, "save", lambda real_save=tr.save: (steps.append(tr.step), real_save()))
+    with pytest.raises(TimeLimitReached):
+        tr.run()
+    assert time.monotonic() - tr.started < 0.06 * 60
+    assert steps[0] == 1 and steps[-1] == tr.step  # timed after the first step; the last one not written twice
+    assert len(set(steps)) == len(steps)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == tr.step
+
+
+def test_time_limit_too_short_for_a_step_keeps_step_0(tmp_path, fake_mnist):
+    tr = Trainer(_tiny(), _quiet(tmp_path, fake_mnist, steps=100000, time_limit=1e-6))
+    with pytest.raises(TimeLimitReached, match="stopped at step 0"):
+        tr.run()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
+
+
 def test_ckpt_minutes_checkpoints_on_wall_time(tmp_path, fake_mnist, monkeypatch):
     tr = Trainer(_tiny(), _quiet(tmp_path, fake_mnist, steps=4, ckpt_minutes=1e-6))
     saved, real = [], tr.save
