@@ -45,6 +45,13 @@ needs_triton = pytest.mark.skipif(not HAVE_TRITON or not (CUDA or INTERPRET),
                                   reason=GPU_SKIP + "needs triton, and a GPU or TRITON_INTERPRET=1")
 
 
+# Adam's update lr m / (sqrt(v) + eps) is nearly lr sign(g) for |g| >> eps (blind to the gradient's size) and
+# jumps by up to 2 lr where g is ~0 +- rounding (eps 1e-8): parameters would differ by chance, or not at all.
+# With eps = 100 and lr = 0.1 it is close to SGD with momentum and step lr / eps = 1e-3: a smooth function of
+# the gradients, so the parameters differ as the gradients do and the accuracy rule can judge them.
+SMOOTH_ADAM = {"lr": 0.1, "adam_eps": 100.0}
+
+
 def triton_devices() -> list:
     """Where a Triton kernel test runs: CPU tensors under the interpreter, and CUDA tensors."""
     return [

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from helpers import assert_all_within_ref_error
+from helpers import SMOOTH_ADAM, assert_all_within_ref_error
 from test_train import _opts, _tiny, make_fake_mnist
 
 from matnet import cli, distributed
@@ -28,12 +28,7 @@ from matnet.train import POISON_ENV, MicroBatchNoise, Trainer, evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds for one launch; a tiny run takes about 10
-STEPS = 40  # runs to interrupt: long enough that the interruption lands mid-way
-# Adam's update lr m / (sqrt(v) + eps) is nearly lr sign(g) for |g| >> eps (blind to the gradient's size) and
-# jumps by up to 2 lr where g is ~0 +- rounding (eps 1e-8): parameters would differ by chance, or not at all.
-# With eps = 100 and lr = 0.1 it is close to SGD with momentum and step lr / eps = 1e-3: a smooth function of
-# the gradients, so the parameters differ as the gradients do and the accuracy rule can judge them.
-SMOOTH_ADAM = {"lr": 0.1, "adam_eps": 100.0}
+STEPS = 120  # runs to interrupt: long enough (~2 s) that an interruption sent after a step still lands mid-way
 # Eq. 13 draws Bernoulli images (a uniform against p: discontinuous, and drawn in the model's dtype, so an fp64
 # copy draws other images): its check compares step-1 values, before any update, within a few eps32 x
 # sqrt(terms) of one process (~1e4 fp32 terms per image: 1e-5); a wrong share moves them by > 1e-3
@@ -409,7 +404,7 @@ def test_low_precision_evaluation_on_two_processes(tmp_path, fake_mnist, two_pro
     rc, out, err = _run2([*argv, "--precision", "bf16", "--channels-last"])
     assert rc == 0, err[-3000:]
     two = json.loads([line for line in out.splitlines() if line.startswith("{")][0])
-    bounds = {"got": two, "ref": one("--precision", "bf16"), "truth": one()}
+    bounds = {"got": two, "ref": one("--precision", "bf16", "--channels-last"), "truth": one()}  # ref: same kernels
     assert two["precision"] == "bf16" and bounds["truth"]["precision"] == "fp32"
     got, ref, truth = ({k: torch.tensor([b[k]], dtype=torch.float64) for k in ("elbo", "iwae")}
                        for b in bounds.values())

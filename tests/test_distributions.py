@@ -4,6 +4,7 @@
 import itertools
 import math
 
+import mpmath
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -33,6 +34,23 @@ def logistic_bin_prob(x, mean, scale):
     upper = torch.where(x > 1 - 1e-6, torch.ones_like(x * mean), cdf(x + 1 / 255))
     lower = torch.where(x < -1 + 1e-6, torch.zeros_like(x * mean), cdf(x - 1 / 255))
     return torch.where(x > 1 - 1e-6, last, upper - lower)
+
+
+def mp_logistic_bin_nll(x, mean, log_scale):
+    """-log P(bin of x) elementwise by the direct CDF difference in 40-digit arithmetic (mpmath), from the
+    exact values of the float64 inputs: an independent truth even where fp64 would cancel."""
+    with mpmath.workdps(40):
+        hw = mpmath.mpf(1) / 255
+
+        def one(v, m, ls):
+            v, m, s = mpmath.mpf(v), mpmath.mpf(m), mpmath.exp(mpmath.mpf(ls))
+            cdf = lambda t: 1 / (1 + mpmath.exp(-(t - m) / s))
+            upper = 1 if v > 1 - 1e-6 else cdf(v + hw)
+            lower = 0 if v < -1 + 1e-6 else cdf(v - hw)
+            return float(-mpmath.log(upper - lower))
+
+        out = [one(*t) for t in zip(x.flatten().tolist(), mean.flatten().tolist(), log_scale.flatten().tolist())]
+    return torch.tensor(out, dtype=torch.float64).view(x.shape)
 
 
 def py_logistic_bin_prob(x, mean, scale):
@@ -130,14 +148,14 @@ def test_discretized_logistic_nll_matches_cdf_differences():
     mean = (torch.rand(40, 1, dtype=torch.float64) * 2.4 - 1.2).expand(40, 256)
     log_scale = (torch.rand(40, 1, dtype=torch.float64) * 5 - 4).expand(40, 256)
     nll = ref.discretized_logistic_nll(x, mean, log_scale)
-    p = logistic_bin_prob(x, mean, log_scale.exp())
-    ok = p > 1e-10  # where the direct difference is still accurate
-    assert ok.sum() > 1000
-    torch.testing.assert_close(nll[ok], -p[ok].log(), rtol=1e-7, atol=1e-8)
-    # float32 agrees with the float64 direct formula where the probability is not negligible
+    # the direct CDF difference, in 40 digits: exact to the last bit of fp64 for every bin, tails included
+    truth = mp_logistic_bin_nll(x, mean, log_scale)
+    assert (truth > 23).sum() > 1000  # probabilities under 1e-10: the direct difference in fp64 would be no truth
+    torch.testing.assert_close(nll, truth, rtol=1e-12, atol=1e-12)
+    # float32 agrees where the probability is not negligible
     nll32 = ref.discretized_logistic_nll(x.float(), mean.float(), log_scale.float()).double()
-    ok32 = p > 1e-5
-    torch.testing.assert_close(nll32[ok32], -p[ok32].log(), rtol=1e-4, atol=2e-4)
+    ok32 = truth < -math.log(1e-5)
+    torch.testing.assert_close(nll32[ok32], truth[ok32], rtol=1e-4, atol=2e-4)
 
 
 def test_discretized_logistic_edge_bins_integrate_the_tails():
