@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +51,10 @@ def _f(default: Any, help: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+VAL_SIZE_HELP = ("training images held out for validation, >= 0, for --split train or val (default: as many as the "
+                 "checkpoint's run held out)")
+
+
 @dataclass
 class EvalOptions:
     checkpoint: str = _f("", "checkpoint.pt to evaluate", positional=True)
@@ -60,7 +65,7 @@ class EvalOptions:
     n_images: int | None = _f(None, "images for the ELBO, >= 1 (default: all)")
     iwae_images: int | None = _f(None, "images for the IWAE bound (default: as many as the ELBO; 0: no IWAE bound)")
     batch_size: int = _f(100, "images per batch, >= 1")
-    val_size: int | None = _f(None, "as given to train (for --split val)")
+    val_size: int | None = _f(None, VAL_SIZE_HELP)
     ema: bool = _f(True, "use the EMA weights where the checkpoint has them")
     out: str | None = _f(None, "also write the result as JSON here")
     mask: str | None = _f(None, "inpainting checkpoints: the test masks' spec (default: the checkpoint's)")
@@ -87,9 +92,7 @@ class EvalOptions:
             raise ValueError("--finetune-lr needs --finetune-inference-epochs N (fine-tuning is off by default)")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.val_size is not None and self.split == "test":
-            raise ValueError("--val-size splits the training images (--split train or val); it has no effect on "
-                             "--split test")
+        _check_val_size(self)
         _check_out(self.out)
 
 
@@ -122,6 +125,7 @@ class InpaintOptions:
     out: str = _f("inpaint.png", "PNG grid to write: per row the original, the occluded input, the imputations")
     dataset: str | None = _f(None, "dataset to take images from (default: the checkpoint's)")
     split: str = _f("test", "dataset split", choices=("train", "val", "test"))
+    val_size: int | None = _f(None, VAL_SIZE_HELP)
     folder: str | None = _f(None, "take the images from this folder of image files (CelebA-style JPEG/PNG) "
                                   "instead, resized and centre-cropped to the model's size")
     temperature: float = _f(1.0, "prior temperature, > 0")
@@ -130,7 +134,7 @@ class InpaintOptions:
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _at_least(self, {"n": 1, "images": 1})
+        _at_least(self, {"n": 1, "images": 1, "val_size": 0})
         if self.n > MAX_GRID_COLUMNS:
             raise ValueError(f"--n must be <= {MAX_GRID_COLUMNS} (one grid row per image), got {self.n}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -143,6 +147,7 @@ class InpaintOptions:
             raise ValueError("give --folder or --dataset, not both")
         if self.folder is not None and self.split != field_default("split", InpaintOptions):
             raise ValueError("give --folder or --split, not both (a folder has no splits)")
+        _check_val_size(self)
         _check_out(self.out, image=True)
 
 
@@ -155,13 +160,35 @@ class ClusterOptions:
                         "into K clusters instead of by the mixture's components: a baseline, for any density model")
     dataset: str | None = _f(None, "dataset (default: the checkpoint's)")
     split: str = _f("test", "dataset split", choices=("train", "val", "test"))
+    val_size: int | None = _f(None, VAL_SIZE_HELP)
     n_images: int | None = _f(None, "images to cluster, >= 1 (default: all)")
     ema: bool = _f(True, "use the EMA weights where the checkpoint has them")
 
     def __post_init__(self) -> None:
         check_field_types(self)
-        _at_least(self, {"n_images": 1, "kmeans": 0})
+        _at_least(self, {"n_images": 1, "kmeans": 0, "val_size": 0})
+        _check_val_size(self)
         _check_out(self.out, image=True)
+
+
+def _check_val_size(o: EvalOptions | InpaintOptions | ClusterOptions) -> None:
+    if o.val_size is not None and o.split == "test":
+        raise ValueError("--val-size splits the training images (--split train or val); it has no effect on "
+                         "--split test")
+
+
+def _run_val_size(o: EvalOptions | InpaintOptions | ClusterOptions, cfg: MatNetConfig) -> int | None:
+    """--val-size for --split train or val: as given, else what the checkpoint's run held out of its dataset (the
+    dataset's default for another dataset, or a checkpoint that does not record it: then said)."""
+    if o.val_size is not None or o.split == "test" or (o.dataset or cfg.dataset) != cfg.dataset:
+        return o.val_size
+    from .checkpoint import load_checkpoint
+
+    recorded = load_checkpoint(o.checkpoint).get("val_size")
+    if recorded is None and distributed.is_main():
+        log.warning("%s does not record its training run's --val-size: --split %s takes the dataset's default "
+                    "hold-out (give --val-size as given to train)", o.checkpoint, o.split)
+    return recorded
 
 
 def _check_out(path: str | None, image: bool = False) -> None:
@@ -315,7 +342,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     def setup() -> tuple:
         model = _in_layout(load_model(o.checkpoint, dev, fast=a.fast, ema=o.ema), o)
         data = _model_data(o.dataset or model.cfg.dataset, o.split, a, model.cfg, model.dist.binary,
-                           val_size=o.val_size)
+                           val_size=_run_val_size(o, model.cfg))
         return (model, data, *_counts(o, len(data)))
 
     model, data, n, m = _agreed("setting up", setup)
@@ -441,7 +468,7 @@ def _eval_inpaint(o: EvalOptions, a: argparse.Namespace, dev: torch.device) -> i
         model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
         cfg = model.cfg
         gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
-        data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=o.val_size)
+        data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, val_size=_run_val_size(o, cfg))
         return (_in_layout(model, o), meta, gen, data, *_counts(o, len(data)))
 
     model, meta, gen, data, n, m = _agreed("setting up", setup)
@@ -506,7 +533,7 @@ def cmd_inpaint(a: argparse.Namespace) -> int:
     model, meta = load_inpaint_model(o.checkpoint, dev, fast=a.fast, ema=o.ema)
     cfg = model.cfg
     gen = parse_mask_spec(o.mask or meta["mask"], (cfg.image_size, cfg.image_size))
-    data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, o.folder)
+    data = _model_data(o.dataset or cfg.dataset, o.split, a, cfg, model.dist.binary, o.folder, _run_val_size(o, cfg))
     g = torch.Generator().manual_seed(a.seed)
     n = (min(DEFAULT_INPAINT_ROWS, len(data)) if o.images is None else
          _image_count("--images", o.images, len(data), o.folder or f"the {o.split} split"))
@@ -536,7 +563,7 @@ def cmd_cluster(a: argparse.Namespace) -> int:
                          "trained with --set prior='\"gmm\"', or --kmeans K")
     cfg = model.cfg
     dataset = o.dataset or cfg.dataset
-    data = _model_data(dataset, o.split, a, cfg, model.dist.binary)
+    data = _model_data(dataset, o.split, a, cfg, model.dist.binary, val_size=_run_val_size(o, cfg))
     n = _image_count("--n-images", o.n_images, len(data), f"the {o.split} split")
     if o.kmeans > n:
         raise ValueError(f"--kmeans {o.kmeans} needs at least as many images, got {n} (--n-images, or the split)")
@@ -607,16 +634,38 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where no training loop catches it (a training loop checkpoints instead): ends the command as
+    Ctrl-C does, with one line and exit 143 rather than a silent kill."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> typing.Iterator[None]:
+    def stop(signum: int, frame: Any) -> NoReturn:
+        raise Terminated
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def _run(a: argparse.Namespace) -> int:
     try:
         if keep_freed_memory():
             log.info("freed CPU memory is kept for reuse (glibc malloc; MATNET_KEEP_FREED_MEMORY=0 turns it off)")
         _agreed("reading the options", lambda: (check_seed(a.seed) if hasattr(a, "seed") else None,
                                                 _resolve_ops(a)))
-        return a.fn(a)
-    except KeyboardInterrupt:
-        print(f"matnet {a.cmd}: interrupted", file=sys.stderr)
-        return 130
+        with _sigterm_interrupts():
+            return a.fn(a)
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"matnet {a.cmd}: {'stopped by SIGTERM' if term else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
     except Exception as e:
         code = getattr(e, "exit_code", None)
         if code is None and not isinstance(e, (ValueError, RuntimeError, OSError)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -85,15 +85,26 @@ def cluster_accuracy(assign: IntArray, labels: IntArray, n_clusters: int | None 
     return float(conf[np.arange(conf.shape[0]), _match(conf)].sum() / conf.sum())
 
 
-def _lloyd(z: torch.Tensor, k: int, g: torch.Generator, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+class KMeansStopped(Exception):
+    """k-means gave up because its `stop` callback asked it to."""
+
+
+def _lloyd(z: torch.Tensor, k: int, g: torch.Generator, iters: int,
+           stop: Callable[[], bool]) -> tuple[torch.Tensor, torch.Tensor]:
     """One k-means++ start, then Lloyd's steps until no row moves; an emptied cluster keeps its centroid."""
-    c = z[torch.randint(len(z), (1,), generator=g)]
-    for _ in range(k - 1):  # each new centre drawn with probability ~ squared distance to the nearest one
-        d2 = torch.cdist(z, c).min(1).values.square()
+    c = z.new_empty(k, z.shape[1])
+    c[0] = z[torch.randint(len(z), (1,), generator=g)]
+    d2 = (z - c[0]).square().sum(1)  # squared distance to the nearest centre so far: updated, not recomputed
+    for j in range(1, k):  # each new centre drawn with probability ~ d2 (O(N k D) in all, not O(N k^2 D))
+        if j % 256 == 0 and stop():
+            raise KMeansStopped
         pick = torch.multinomial(d2, 1, generator=g) if d2.sum() > 0 else torch.randint(len(z), (1,), generator=g)
-        c = torch.cat([c, z[pick]])
+        c[j] = z[pick]
+        d2 = torch.minimum(d2, (z - c[j]).square().sum(1))
     assign = torch.cdist(z, c).argmin(1)
     for _ in range(iters):
+        if stop():
+            raise KMeansStopped
         counts = torch.bincount(assign, minlength=k)
         sums = torch.zeros_like(c).index_add_(0, assign, z)
         c = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
@@ -105,11 +116,12 @@ def _lloyd(z: torch.Tensor, k: int, g: torch.Generator, iters: int) -> tuple[tor
 
 
 @torch.no_grad()
-def kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10,
-           iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10, iters: int = 100,
+           stop: Callable[[], bool] = lambda: False) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means of the rows of z [N, D]: the best (least within-cluster sum of squares) of `restarts` k-means++
     starts, in fp64 on the CPU so that every process gets the same answer. Returns (centroids [k, D],
-    assignments [N] int64), both on the CPU."""
+    assignments [N] int64), both on the CPU. `stop` is asked often (between Lloyd steps, every 256 k-means++
+    picks): when it says True, KMeansStopped is raised."""
     if not 1 <= k <= len(z):
         raise ValueError(f"k-means needs 1 <= k <= {len(z)} rows, got k={k}")
     z = z.detach().to("cpu", torch.float64).reshape(len(z), -1)
@@ -118,7 +130,7 @@ def kmeans(z: torch.Tensor, k: int, seed: int = 0, restarts: int = 10,
     g = torch.Generator().manual_seed(seed)
     best, best_ss = None, math.inf
     for _ in range(restarts):
-        c, assign = _lloyd(z, k, g, iters)
+        c, assign = _lloyd(z, k, g, iters, stop)
         ss = float((z - c[assign]).square().sum())
         if ss < best_ss:
             best, best_ss = (c, assign), ss

@@ -8,6 +8,7 @@ models share parameters and state_dict keys.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -218,16 +219,17 @@ class MixturePrior(nn.Module):
         return torch.logsumexp(lp, 1) - math.log(lp.shape[1])
 
     @torch.no_grad()
-    def refit_(self, mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    def refit_(self, mu: torch.Tensor, logvar: torch.Tensor, seed: int = 0,
+               stop: Callable[[], bool] = lambda: False) -> torch.Tensor:
         """Place the components where q puts z0 (not in the paper; VaDE initialises its mixture the same way):
         the means become the k-means centroids of the posterior means mu [N, nz0], the variances those of each
         cluster's aggregate posterior, var(mu) + mean(exp(logvar)) over its members. Eq. 12 gives a component
         far from every posterior no gradient, so most components drawn from N(0, I) never move; a refit after
         some training revives them. A component whose cluster has fewer than two members keeps its values.
-        Returns the cluster sizes [K] (CPU int64)."""
+        Returns the cluster sizes [K] (CPU int64). `stop` as for `kmeans`: the prior is then left as it was."""
         from .clustering import kmeans
 
-        centres, assign = kmeans(mu, self.means.shape[0], seed)
+        centres, assign = kmeans(mu, self.means.shape[0], seed, stop=stop)
         mu, var = mu.detach().cpu().double(), logvar.detach().cpu().double().exp()
         counts = torch.bincount(assign, minlength=len(centres))
         n = counts.clamp(min=1)[:, None].double()

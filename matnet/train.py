@@ -54,6 +54,7 @@ from .checkpoint import (
     remove_stale_temps,
     save_checkpoint,
 )
+from .clustering import KMeansStopped
 from .config import MatNetConfig, check_field_types, field_default
 from .data import HFLIP_DATASETS, BatchLoader, ImageDataset, load_dataset
 from .distributed import Rows
@@ -109,6 +110,14 @@ class CompileUnavailable(RuntimeError):
     def __init__(self, why: BaseException | str):
         super().__init__(f"--compile: torch.compile is unavailable here ({' '.join(str(why).split())[:300]}); "
                          "run without --compile")
+
+
+class RefitStopped(Exception):
+    """A stop signal arrived during the mixture prior's refit, which was abandoned (Trainer.refit_if_due)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"the mixture prior's refit was stopped by signal {signum}")
+        self.signum = signum
 
 
 class Preempted(Exception):
@@ -268,18 +277,23 @@ class SkipGuard:
     def __init__(self, max_consecutive: int, window: int, max_fraction: float):
         self.max_consecutive, self.window, self.max_fraction = max_consecutive, window, max_fraction
         self.recent: deque[tuple[float, bool]] = deque(maxlen=window)
-        self.consecutive = 0
+        self.consecutive = self.steps = self.applied = 0
 
     def record(self, grad_norm: float, skipped: bool) -> str | None:
         """Record one step; return why the run must stop, or None."""
         self.recent.append((grad_norm, skipped))
         self.consecutive = self.consecutive + 1 if skipped else 0
+        self.steps, self.applied = self.steps + 1, self.applied + (not skipped)
         if self.consecutive >= self.max_consecutive:
             return f"{self.consecutive} consecutive updates were skipped"
         n_skip = sum(s for _, s in self.recent)
         if len(self.recent) == self.window and n_skip > self.max_fraction * self.window:
             return f"{n_skip} of the last {self.window} updates were skipped"
         return None
+
+    def at_end(self) -> str | None:
+        """Why a run that reached the end of its steps has still diverged (too short for the rules above)."""
+        return f"none of the run's {self.steps} updates was applied" if self.steps and not self.applied else None
 
     def recent_norms(self, n: int = 10) -> str:
         return ", ".join(f"{g:.3g}" for g, _ in list(self.recent)[-n:])
@@ -684,6 +698,8 @@ class Trainer:
         self.last_skipped = False
         self.saved_step: int | None = None  # step of the checkpoint on disk, if any
         self.probe: tuple[torch.Tensor, ...] | None = None  # the last applied step's inputs: save() checks them
+        self.refit_step: int | None = None  # the step whose mixture-prior refit is done (refit_if_due)
+        self.caught: list[int] = []  # the stop signals caught while run() trains
         self.guard = SkipGuard(opts.max_skips, opts.skip_window, opts.max_skip_fraction)
         epoch = len(self.train_data) // cfg.batch_size  # steps per pass over the training images (full batches)
         if cfg.lr_schedule == "epochs" and cfg.steps_per_epoch != epoch and self.is_main:
@@ -694,6 +710,9 @@ class Trainer:
                            ("infer_reg_start", cfg.infer_reg_start if cfg.infer_reg_weight else 0)):
             if step >= self.total and self.is_main:
                 log.warning("%s=%d is not before the run's last step %d: it never takes effect", name, step, self.total)
+        if opts.warmup_steps > self.total and self.is_main:
+            log.warning("--warmup-steps %d is more than the run's %d steps: the learning rate never reaches its "
+                        "full value", opts.warmup_steps, self.total)
         # warned about, not refused: the config check also runs on loading, and would lock out older checkpoints
         if cfg.infer_reg_start and not cfg.infer_reg_weight and self.is_main:
             log.warning("infer_reg_start=%d has no effect: infer_reg_weight is 0", cfg.infer_reg_start)
@@ -822,6 +841,7 @@ class Trainer:
             "device_rng": {"type": self.device.type, "state": device_rng(self.device)[0]()},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "run_options": {name: getattr(self.opts, name) for name in RUN_OPTIONS},
+            "val_size": len(self.val_data) if self.val_data is not None else 0,  # eval's --split val default
             **self.origin,
             **(self.task.state_dict() if self.task is not None else {"task": "density"}),
         }
@@ -901,8 +921,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimizer step on the global batch x, as --grad-accum micro-batches."""
         cfg, o = self.cfg, self.opts
-        if self.step == cfg.prior_refit_step > 0:  # a checkpoint at this step predates the refit: resume repeats it
-            self.refit_prior()
+        self.refit_if_due()
         kl_w = min(1.0, (self.step + 1) / cfg.kl_warmup_steps) if cfg.kl_warmup_steps else 1.0
         lr = apply_schedule(self.opt, self.step, self.total, self.base_lr, cfg, o.warmup_steps)  # lr and beta1
         self.opt.zero_grad(set_to_none=True)
@@ -1003,11 +1022,15 @@ class Trainer:
         return reg.item()
 
     @torch.no_grad()
-    def refit_prior(self) -> None:
-        """cfg.prior_refit_step: move the mixture's components to k-means clusters of q(z0 | x)'s means on the
-        first PRIOR_REFIT_IMAGES training images (MixturePrior.refit_), in the weights and their EMA copy. Its
-        draws (binarization, k-means) come from generators of their own: the run's other streams are untouched,
-        so resuming at this step repeats it exactly. With several ranks, rank 0's result is everyone's."""
+    def refit_if_due(self) -> None:
+        """At cfg.prior_refit_step, once: move the mixture's components to k-means clusters of q(z0 | x)'s means
+        on the first PRIOR_REFIT_IMAGES training images (MixturePrior.refit_), in the weights and their EMA copy.
+        Its draws (binarization, k-means) come from generators of their own: the run's other streams are
+        untouched, so resuming at this step repeats it exactly. With several ranks, rank 0's result is
+        everyone's. A SIGTERM/SIGINT during the k-means (on any rank) leaves every rank's prior as it was and
+        raises RefitStopped: a checkpoint then predates the refit, as one at this step always does."""
+        if self.step != self.cfg.prior_refit_step or self.step <= 0 or self.refit_step == self.step:
+            return
         data = self.loader.dataset
         gen = torch.Generator(self.device).manual_seed(self.opts.seed + PRIOR_REFIT_SEED)
         x = data.to_float(self.loader.images[:PRIOR_REFIT_IMAGES], gen).to(next(self.model.parameters()).dtype)
@@ -1018,8 +1041,16 @@ class Trainer:
             raise TrainingDiverged(f"training stopped at step {self.step}: q(z0 | x) is non-finite on training "
                                    f"images, so the mixture prior cannot be refit; {self._kept()}")
         prior = self.model.z0_prior
-        counts = prior.refit_(mu, logvar, self.opts.seed + PRIOR_REFIT_SEED)
+        before = {k: v.clone() for k, v in prior.state_dict().items()}
+        try:
+            counts = prior.refit_(mu, logvar, self.opts.seed + PRIOR_REFIT_SEED, stop=lambda: bool(self.caught))
+        except KMeansStopped:
+            counts = None
+        if distributed.any_true(counts is None):  # every rank reaches this, stopped early or not
+            prior.load_state_dict(before)
+            raise RefitStopped(distributed.max_int(self.caught[0] if self.caught else 0))
         distributed.broadcast_([prior.means, prior.logvars])
+        self.refit_step = self.step
         if self.ema is not None:
             self.ema.z0_prior.load_state_dict(prior.state_dict())
         if self.is_main:
@@ -1107,8 +1138,8 @@ class Trainer:
         folder is released when this returns or raises."""
         self.lock.acquire()
         try:
-            with catch_stop_signals(repeat=self.sharded) as caught:
-                return self._run(until, caught)
+            with catch_stop_signals(repeat=self.sharded) as self.caught:
+                return self._run(until, self.caught)
         finally:
             self.close()
 
@@ -1124,10 +1155,19 @@ class Trainer:
             # every stop is agreed by all ranks (a collective where wall time or signals could differ)
             if o.time_limit and distributed.any_true(clock.out_of_time()):
                 bar.close()
+                if not self.guard.steps:  # exit 5 would ask to be run again, and again, with no progress
+                    raise ValueError(f"--time-limit {o.time_limit:g} ran out before the first step (the set-up took "
+                                     f"{time.monotonic() - self.started:.1f} s): give more minutes")
                 if self.saved_step != self.step:
                     self.timed_save(clock)
                 raise TimeLimitReached(self.step, o.time_limit)
             tick = time.monotonic()
+            try:
+                self.refit_if_due()  # before the step's batch is drawn: a stop here resumes exactly
+            except RefitStopped as e:
+                bar.close()
+                self.save()
+                raise Preempted(e.signum, self.step) from None
             row = self.train_step(next(stream))
             seen += self.cfg.batch_size
             ips = seen / max(time.time() - t0, 1e-9)
@@ -1142,9 +1182,7 @@ class Trainer:
             why = self.guard.record(row["grad_norm"], self.last_skipped)
             if why:
                 bar.close()
-                raise TrainingDiverged(
-                    f"training stopped at step {self.step}: {why} ({self._skip_causes()}); recent grad norms: "
-                    f"[{self.guard.recent_norms()}]; {self._kept()}")
+                raise self._diverged(why)
             sig = distributed.max_int(caught[0] if caught else 0)
             if sig:
                 bar.close()
@@ -1162,6 +1200,9 @@ class Trainer:
                 ckpt_due = False
             clock.step_took(time.monotonic() - tick)
         bar.close()
+        why = self.guard.at_end() if self.scaler is None else None  # fp16's first steps find the loss scale
+        if why:  # the untrained (or resumed) weights are not a finished run's
+            raise self._diverged(why)
         self.save()
         if self.skipped and self.is_main:
             log.warning("%d of the run's %d updates were skipped (%s)", self.skipped, self.step, self._skip_causes())
@@ -1172,6 +1213,10 @@ class Trainer:
         self.save_samples(self.out / "samples.png")
         self.save_plots()
         return summary
+
+    def _diverged(self, why: str) -> TrainingDiverged:
+        return TrainingDiverged(f"training stopped at step {self.step}: {why} ({self._skip_causes()}); recent grad "
+                                f"norms: [{self.guard.recent_norms()}]; {self._kept()}")
 
     def _skip_causes(self) -> str:
         t = self.cfg.skip_threshold

@@ -272,3 +272,57 @@ def test_cluster_writes_a_grid_and_the_accuracy(fake_mnist, tmp_path, capsys):
                      "--out", str(out)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["images"] == 6 and "accuracy" not in res
+
+
+def test_split_val_is_the_runs_own_hold_out(density_ckpt, inpaint_ckpt, fake_mnist, tmp_path, capsys, caplog):
+    """--split val (and train) take the images the checkpoint's run held out (--val-size 40 of the 120 here) in
+    eval, cluster and inpaint, not the dataset's default hold-out; a checkpoint that does not record it takes
+    the default and says so."""
+    from matnet.checkpoint import save_checkpoint
+
+    def last_json():
+        return json.loads(capsys.readouterr().out.splitlines()[-1])
+
+    common = ["--data-dir", fake_mnist, "--device", "cpu"]
+    assert cli.main(["eval", density_ckpt, "--split", "val", "--k", "0", *common]) == 0
+    assert last_json()["elbo_images"] == 40
+    assert cli.main(["eval", density_ckpt, "--split", "train", "--k", "0", *common]) == 0
+    assert last_json()["elbo_images"] == 80
+    assert cli.main(["cluster", density_ckpt, "--split", "val", "--kmeans", "2", "--out", str(tmp_path / "c.png"),
+                     *common]) == 0
+    assert last_json()["n_images"] == 40
+    inpaint = ["inpaint", inpaint_ckpt, "--split", "val", "--n", "1", "--out", str(tmp_path / "i.png"), *common]
+    assert cli.main([*inpaint, "--images", "40"]) == 0
+    capsys.readouterr()
+    assert cli.main([*inpaint, "--images", "41"]) == 2
+    _one_error_line(capsys, "--images 41 is more than the 40 images of the val split")
+    assert cli.main([*inpaint, "--images", "30", "--val-size", "30"]) == 0  # as given
+    capsys.readouterr()
+    assert cli.main(["cluster", density_ckpt, "--val-size", "30", *common]) == 2
+    _one_error_line(capsys, "it has no effect on --split test")
+
+    st = load_checkpoint(density_ckpt)
+    del st["val_size"]  # as written before checkpoints recorded it
+    old = str(tmp_path / "old.pt")
+    save_checkpoint(old, st)
+    assert cli.main(["eval", old, "--split", "val", "--k", "0", "--val-size", "40", *common]) == 0
+    assert last_json()["elbo_images"] == 40
+    assert cli.main(["eval", old, "--split", "val", "--k", "0", *common]) == 2  # mnist's default: 10,000 of 120
+    assert "does not record its training run's --val-size" in caplog.text
+
+
+def test_sigterm_outside_training_ends_a_command_with_one_line(density_ckpt, fake_mnist, monkeypatch, capsys):
+    """SIGTERM during `matnet eval` (a scheduler's preemption; Ctrl-C's SIGINT likewise) ends it with one line and
+    exit 143, not a silent kill, and leaves the command's handler as it was."""
+    import os
+    import signal
+
+    def evaluate(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("not reached: the signal stops the evaluation")
+
+    monkeypatch.setattr(matnet.train, "evaluate", evaluate)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["eval", density_ckpt, "--data-dir", fake_mnist, "--device", "cpu", "--k", "0"]) == 143
+    _one_error_line(capsys, "matnet eval: stopped by SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before

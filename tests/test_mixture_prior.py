@@ -3,6 +3,8 @@ mixture density in the importance weights, the K = 1 reduction to N(0, I), clust
 k-means refit of the components and the fast twin."""
 
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from helpers import assert_all_within_ref_error, random_data
 from torch import distributions as D
 
 import matnet
-from matnet.clustering import cluster_accuracy, cluster_report, kmeans
+from matnet.clustering import KMeansStopped, cluster_accuracy, cluster_report, kmeans
 from matnet.config import field_default
 from matnet.modules import MixturePrior
 
@@ -217,6 +219,19 @@ def test_kmeans_recovers_separated_blobs_and_is_seeded():
         kmeans(z[:3], 4)
     with pytest.raises(ValueError, match="finite"):
         kmeans(torch.tensor([[0.0], [float("nan")]]), 1)
+    asked = []
+    with pytest.raises(KMeansStopped):  # asked before the first Lloyd step
+        kmeans(z, 4, stop=lambda: asked.append(1) or True)
+    assert asked == [1]
+
+
+def test_kmeans_plus_plus_scales_to_many_centres():
+    """k = N: every row its own centre (k-means++ never picks a row twice while another is away from all
+    centres), drawn in O(N k D), not O(N k^2 D)."""
+    z, _ = _blobs([400, 300, 300])
+    centres, assign = kmeans(z, len(z), seed=0, restarts=1)
+    assert torch.equal(assign.sort().values, torch.arange(len(z)))
+    assert torch.equal(centres[assign], z)
 
 
 def test_refit_moves_components_onto_the_posteriors():
@@ -255,7 +270,7 @@ def test_trainer_refits_at_its_step_in_weights_and_ema_and_resumes_exactly(tmp_p
     first.run(until=2)
     resumed = Trainer(cfg, _opts(tmp_path / "b", data, steps=4, eval_every=0))
     assert resumed.step == 2
-    resumed.refit_prior()
+    resumed.refit_if_due()
     prior = resumed.model.z0_prior
     for net in (resumed.model, resumed.ema):
         assert torch.equal(net.z0_prior.means, prior.means) and torch.equal(net.z0_prior.logvars, prior.logvars)
@@ -265,6 +280,45 @@ def test_trainer_refits_at_its_step_in_weights_and_ema_and_resumes_exactly(tmp_p
     for k in near.unique():
         assert torch.allclose(prior.means[k].double(), mu[near == k].mean(0), atol=0.05)
     resumed.close()
+    resumed = Trainer(cfg, _opts(tmp_path / "b", data, steps=4, eval_every=0))
+    resumed.run()
+    for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_stop_signal_during_the_refit_checkpoints_before_it_and_resumes_exactly(tmp_path, monkeypatch):
+    """SIGTERM while the k-means of the refit runs (a large prior_components can take minutes): the refit is
+    abandoned at once, the checkpoint is the state before it (that of a run stopped at the step), and the same
+    command resumes to the straight run's weights."""
+    from test_train import _opts, _tiny, make_fake_mnist
+
+    import matnet.clustering as clustering
+    from matnet.checkpoint import load_checkpoint
+    from matnet.train import Preempted, Trainer
+
+    (tmp_path / "mnist").mkdir()
+    data = make_fake_mnist(tmp_path / "mnist")
+    cfg = _tiny(prior="gmm", prior_components=3, prior_refit_step=2, ema_rate=0.9)
+    straight = Trainer(cfg, _opts(tmp_path / "a", data, steps=4, eval_every=0))
+    straight.run()
+    Trainer(cfg, _opts(tmp_path / "c", data, steps=4, eval_every=0)).run(until=2)
+    real, calls = clustering.kmeans, []
+
+    def signalled(*a, **k):
+        calls.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # caught by the run, which must stop within the k-means
+        return real(*a, **k)
+
+    monkeypatch.setattr(clustering, "kmeans", signalled)
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 2;"):
+        Trainer(cfg, _opts(tmp_path / "b", data, steps=4, eval_every=0)).run()
+    assert calls == [1]
+    stopped, before = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("b", "c"))
+    assert stopped["step"] == before["step"] == 2
+    for key in ("model", "ema"):
+        for name, v in before[key].items():
+            assert torch.equal(stopped[key][name], v), (key, name)
+    monkeypatch.undo()
     resumed = Trainer(cfg, _opts(tmp_path / "b", data, steps=4, eval_every=0))
     resumed.run()
     for (k, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):

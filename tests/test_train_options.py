@@ -354,11 +354,19 @@ def test_time_limit_reserves_two_slowest_steps_and_a_checkpoint(tmp_path, fake_m
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 6
 
 
-def test_time_limit_too_short_for_a_step_keeps_step_0(tmp_path, fake_mnist):
-    tr = Trainer(_tiny(), _quiet(tmp_path, fake_mnist, steps=100000, time_limit=1e-6))
-    with pytest.raises(TimeLimitReached, match="stopped at step 0"):
-        tr.run()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
+def test_time_limit_too_short_for_one_step_is_an_error(tmp_path, fake_mnist, capsys):
+    """Not exit 5 (a scheduler's script would re-run it forever, each time at step 0): one error line, exit 2."""
+    argv = ["train", "--preset", "tiny", "--batch-size", "8", "--data-dir", fake_mnist, "--out", str(tmp_path),
+            "--device", "cpu", "--no-progress", "--val-size", "40", "--eval-every", "0", "--time-limit", "1e-6"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("matnet train: error: --time-limit 1e-06 ran out before the first step (the set-up took ")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_warmup_longer_than_the_run_is_said(tmp_path, fake_mnist, caplog):
+    Trainer(_tiny(), _quiet(tmp_path, fake_mnist, steps=3, warmup_steps=5)).close()
+    assert "--warmup-steps 5 is more than the run's 3 steps" in caplog.text
 
 
 def test_ckpt_minutes_checkpoints_on_wall_time(tmp_path, fake_mnist, monkeypatch):

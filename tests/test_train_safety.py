@@ -202,10 +202,27 @@ def test_no_validation_images_with_eval_every_is_said(tmp_path, fake_mnist, capl
     assert "--val-size 0 holds out no validation images: --eval-every 1 evaluates nothing" in caplog.text
 
 
-def test_skipped_updates_are_reported(tmp_path, fake_mnist, capsys, caplog):
-    assert cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "2", "--set", "skip_threshold=1e-9")) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[0]) == {"step": 2, "skipped": 2}
-    assert "2 of the run's 2 updates were skipped" in caplog.text
+def test_skipped_updates_are_reported(tmp_path, fake_mnist, monkeypatch, caplog):
+    tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=4, eval_every=0))
+    real = tr.model.forward
+
+    def forward(*a, **k):  # NaN in the updates of steps 2 and 3 (not in save()'s no-grad check of the weights)
+        out = real(*a, **k)
+        if tr.step >= 2 and torch.is_grad_enabled():
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(tr.model, "forward", forward)
+    assert tr.run()["skipped"] == 2
+    assert "2 of the run's 4 updates were skipped" in caplog.text
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
+
+
+def test_a_run_too_short_for_max_skips_with_no_update_applied_has_diverged(tmp_path, fake_mnist, capsys):
+    rc = cli.main(_train_argv(fake_mnist, tmp_path, "--steps", "2", "--set", "skip_threshold=1e-9"))
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == EXIT_DIVERGED and "none of the run's 2 updates was applied" in line
+    assert "no checkpoint was written" in line and not (tmp_path / "checkpoint.pt").exists()
 
 
 # ---- 2. checkpoints ----
