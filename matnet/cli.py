@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="matnet", description="Matryoshka Networks: train, evaluate, sample, inpaint, cluster.",
                 epilog="exit codes: 0 done; 2 a user error; 3 training diverged (last good checkpoint kept); "
                        "4 disk full; 5 stopped before --time-limit after writing a checkpoint; "
-                       "130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint")
+                       "130 / 143 stopped by SIGINT / SIGTERM (train: after writing a checkpoint)")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
@@ -624,13 +624,13 @@ def _resolve_ops(a: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit codes: 0 done; 2 a user error (one line on stderr); 3 training diverged;
-    4 disk full; 5 stopped before --time-limit after a checkpoint; 128 + signal (130 SIGINT, 143 SIGTERM)
-    when stopped after a checkpoint."""
+    4 disk full; 5 stopped before --time-limit after a checkpoint; 128 + signal (130 SIGINT, 143 SIGTERM):
+    train stopped after a checkpoint, any other command stopped at once."""
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     with distributed.session(a.device) if a.cmd in DISTRIBUTED_COMMANDS else contextlib.nullcontext():
-        code = _run(a)
-        distributed.settle(code in SHARED_EXITS)
+        code, shared = _run(a)
+        distributed.settle(shared)
         return code
 
 
@@ -654,18 +654,20 @@ def _sigterm_interrupts() -> typing.Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def _run(a: argparse.Namespace) -> int:
+def _run(a: argparse.Namespace) -> tuple[int, bool]:
+    """The command's exit code, and whether every rank shares that outcome (then they leave together)."""
     try:
         if keep_freed_memory():
             log.info("freed CPU memory is kept for reuse (glibc malloc; MATNET_KEEP_FREED_MEMORY=0 turns it off)")
         _agreed("reading the options", lambda: (check_seed(a.seed) if hasattr(a, "seed") else None,
                                                 _resolve_ops(a)))
         with _sigterm_interrupts():
-            return a.fn(a)
-    except KeyboardInterrupt as e:
+            code = a.fn(a)
+        return code, code in SHARED_EXITS
+    except KeyboardInterrupt as e:  # where the ranks stand is unknown: none waits for the others
         term = isinstance(e, Terminated)
         print(f"matnet {a.cmd}: {'stopped by SIGTERM' if term else 'interrupted'}", file=sys.stderr)
-        return 128 + (signal.SIGTERM if term else signal.SIGINT)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT), False
     except Exception as e:
         code = getattr(e, "exit_code", None)
         if code is None and not isinstance(e, (ValueError, RuntimeError, OSError)):
@@ -677,7 +679,8 @@ def _run(a: argparse.Namespace) -> int:
         r = distributed.rank()
         if r == 0 or not getattr(e, "same_on_all_ranks", False):  # an outcome all ranks agreed on: rank 0 says it
             print(f"{f'[rank {r}] ' if r else ''}matnet {a.cmd}: {msg}", file=sys.stderr)
-        return EXIT_USAGE if code is None else code
+        code = EXIT_USAGE if code is None else code
+        return code, code in SHARED_EXITS
 
 
 if __name__ == "__main__":

@@ -112,6 +112,16 @@ class CompileUnavailable(RuntimeError):
                          "run without --compile")
 
 
+class TimeLimitTooShort(ValueError):
+    """--time-limit ran out before the run's first step (a usage error, exit 2, said once under torchrun)."""
+
+    same_on_all_ranks = True
+
+    def __init__(self, minutes: float, setup_s: float):
+        super().__init__(f"--time-limit {minutes:g} ran out before the first step (the set-up took {setup_s:.1f} s): "
+                         "give more minutes")
+
+
 class RefitStopped(Exception):
     """A stop signal arrived during the mixture prior's refit, which was abandoned (Trainer.refit_if_due)."""
 
@@ -277,23 +287,18 @@ class SkipGuard:
     def __init__(self, max_consecutive: int, window: int, max_fraction: float):
         self.max_consecutive, self.window, self.max_fraction = max_consecutive, window, max_fraction
         self.recent: deque[tuple[float, bool]] = deque(maxlen=window)
-        self.consecutive = self.steps = self.applied = 0
+        self.consecutive = 0
 
     def record(self, grad_norm: float, skipped: bool) -> str | None:
         """Record one step; return why the run must stop, or None."""
         self.recent.append((grad_norm, skipped))
         self.consecutive = self.consecutive + 1 if skipped else 0
-        self.steps, self.applied = self.steps + 1, self.applied + (not skipped)
         if self.consecutive >= self.max_consecutive:
             return f"{self.consecutive} consecutive updates were skipped"
         n_skip = sum(s for _, s in self.recent)
         if len(self.recent) == self.window and n_skip > self.max_fraction * self.window:
             return f"{n_skip} of the last {self.window} updates were skipped"
         return None
-
-    def at_end(self) -> str | None:
-        """Why a run that reached the end of its steps has still diverged (too short for the rules above)."""
-        return f"none of the run's {self.steps} updates was applied" if self.steps and not self.applied else None
 
     def recent_norms(self, n: int = 10) -> str:
         return ", ".join(f"{g:.3g}" for g, _ in list(self.recent)[-n:])
@@ -1027,8 +1032,9 @@ class Trainer:
         on the first PRIOR_REFIT_IMAGES training images (MixturePrior.refit_), in the weights and their EMA copy.
         Its draws (binarization, k-means) come from generators of their own: the run's other streams are
         untouched, so resuming at this step repeats it exactly. With several ranks, rank 0's result is
-        everyone's. A SIGTERM/SIGINT during the k-means (on any rank) leaves every rank's prior as it was and
-        raises RefitStopped: a checkpoint then predates the refit, as one at this step always does."""
+        everyone's. A SIGTERM/SIGINT during the k-means (torchrun signals every rank; a rank not signalled
+        finishes its k-means first) leaves every rank's prior as it was and raises RefitStopped: a checkpoint
+        then predates the refit, as one at this step always does."""
         if self.step != self.cfg.prior_refit_step or self.step <= 0 or self.refit_step == self.step:
             return
         data = self.loader.dataset
@@ -1150,14 +1156,13 @@ class Trainer:
         bar = progress_bar(total=self.total, initial=self.step, desc="train",
                            disable=not o.progress or not self.is_main, dynamic_ncols=True)
         t0, seen, last, ckpt_due = time.time(), 0, {}, False
-        clock = WallClock(self.started, o.time_limit, o.ckpt_minutes)
+        clock, start = WallClock(self.started, o.time_limit, o.ckpt_minutes), self.step
         while self.step < stop:
             # every stop is agreed by all ranks (a collective where wall time or signals could differ)
             if o.time_limit and distributed.any_true(clock.out_of_time()):
                 bar.close()
-                if not self.guard.steps:  # exit 5 would ask to be run again, and again, with no progress
-                    raise ValueError(f"--time-limit {o.time_limit:g} ran out before the first step (the set-up took "
-                                     f"{time.monotonic() - self.started:.1f} s): give more minutes")
+                if self.step == start:  # exit 5 would ask to be run again, and again, with no progress
+                    raise TimeLimitTooShort(o.time_limit, time.monotonic() - self.started)
                 if self.saved_step != self.step:
                     self.timed_save(clock)
                 raise TimeLimitReached(self.step, o.time_limit)
@@ -1200,9 +1205,11 @@ class Trainer:
                 ckpt_due = False
             clock.step_took(time.monotonic() - tick)
         bar.close()
-        why = self.guard.at_end() if self.scaler is None else None  # fp16's first steps find the loss scale
-        if why:  # the untrained (or resumed) weights are not a finished run's
-            raise self._diverged(why)
+        # a run too short for the guard's rules that ends without one applied update has untrained weights
+        # (counted over the whole run: a resumed one must end as a straight one; fp16's first steps find the loss
+        # scale)
+        if self.scaler is None and self.step >= self.total and self.skipped == self.step:
+            raise self._diverged(f"none of the run's {self.step} updates was applied")
         self.save()
         if self.skipped and self.is_main:
             log.warning("%d of the run's %d updates were skipped (%s)", self.skipped, self.step, self._skip_causes())

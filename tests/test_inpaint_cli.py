@@ -321,8 +321,14 @@ def test_sigterm_outside_training_ends_a_command_with_one_line(density_ckpt, fak
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("not reached: the signal stops the evaluation")
 
+    def outside(signum, frame):  # were the command's own handler missing, this one fails the test (not pytest)
+        raise AssertionError("SIGTERM reached the handler from before the command")
+
     monkeypatch.setattr(matnet.train, "evaluate", evaluate)
-    before = signal.getsignal(signal.SIGTERM)
-    assert cli.main(["eval", density_ckpt, "--data-dir", fake_mnist, "--device", "cpu", "--k", "0"]) == 143
+    before = signal.signal(signal.SIGTERM, outside)
+    try:
+        assert cli.main(["eval", density_ckpt, "--data-dir", fake_mnist, "--device", "cpu", "--k", "0"]) == 143
+        assert signal.getsignal(signal.SIGTERM) is outside
+    finally:
+        signal.signal(signal.SIGTERM, before)
     _one_error_line(capsys, "matnet eval: stopped by SIGTERM")
-    assert signal.getsignal(signal.SIGTERM) is before

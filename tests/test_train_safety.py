@@ -203,6 +203,9 @@ def test_no_validation_images_with_eval_every_is_said(tmp_path, fake_mnist, capl
 
 
 def test_skipped_updates_are_reported(tmp_path, fake_mnist, monkeypatch, caplog):
+    """Steps 2 and 3 of 4 skipped, after a resume at step 2: the run ends as a straight one would (its applied
+    updates are counted over the whole run, not this session's)."""
+    Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=4, eval_every=0)).run(until=2)
     tr = Trainer(_tiny(), _opts(tmp_path, fake_mnist, steps=4, eval_every=0))
     real = tr.model.forward
 
